@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from families import save_tiny_model  # noqa: E402
+
+from cli import app  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    """family -> (folder, source model); each family is built and saved once per session."""
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"src-{family}")
+            built[family] = (folder, save_tiny_model(family, folder))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Run `uptrain ARGS...` in-process; returns the click Result (exit_code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, [str(arg) for arg in args])
+
+    return run
+
+
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids a vanilla model needs to see a left-padded row as if it were alone."""
+    return (mask.cumsum(1) - 1).clamp(min=0)

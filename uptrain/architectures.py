@@ -1,0 +1,49 @@
+"""What the converter must know about source architectures, kept as data.
+
+Everything else is read off the source's own transformers classes: the decoder-layer list is the base
+model's ModuleList with `num_hidden_layers` entries, the final norm is found by name
+(`modeling_block_transformer.FINAL_NORM_NAMES`).
+"""
+
+# Base models that change `inputs_embeds` before their first layer. `scale_from`: a config attribute the
+# embeddings are multiplied by; `position_embedding`: a learned absolute position table that is added.
+# (Gemma-style sqrt(D) scaling lives inside the embedding module in transformers 5, so it needs no entry.)
+EMBEDDING_STAGES = {
+    "gpt2": {"position_embedding": "wpe"},
+    "gpt_bigcode": {"position_embedding": "wpe"},
+    "granite": {"scale_from": "embedding_multiplier"},
+    "granitemoe": {"scale_from": "embedding_multiplier"},
+    "granitemoeshared": {"scale_from": "embedding_multiplier"},
+    "granitemoehybrid": {"scale_from": "embedding_multiplier"},
+}
+
+# Config keys holding one entry per layer: sliced together with `num_hidden_layers`.
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "layers_block_type")
+
+# Config keys of the source that must not be carried into the decoders' configs.
+DROPPED_CONFIG_KEYS = ("quantization_config", "architectures", "auto_map", "_name_or_path", "transformers_version")
+
+
+def embedding_stage(config) -> dict:
+    """The `embedding_stage` entry of a BlockTransformerConfig for a source config."""
+    spec = EMBEDDING_STAGES.get(config.model_type, {})
+    stage = {}
+    if "scale_from" in spec:
+        stage["scale"] = float(getattr(config, spec["scale_from"]))
+    if "position_embedding" in spec:
+        stage["position_embedding"] = spec["position_embedding"]
+    return stage
+
+
+def decoder_config(source_config, layers: list[int]) -> dict:
+    """The source config as a dict, cut down to the given source layers."""
+    config = source_config.to_dict()
+    for key in DROPPED_CONFIG_KEYS:
+        config.pop(key, None)
+    total = source_config.num_hidden_layers
+    for key in PER_LAYER_CONFIG_KEYS:
+        value = config.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            config[key] = [value[i] for i in layers]
+    config["num_hidden_layers"] = len(layers)
+    return config

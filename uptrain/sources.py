@@ -1,0 +1,124 @@
+"""Resolving and loading a source model: a local folder, a hub id, or a GGUF file."""
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Source:
+    """Where a model comes from: `location` is a local folder or a hub id; `gguf_file` a file inside it."""
+
+    spec: str
+    location: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+    @property
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve(spec: str, gguf_file: str | None = None) -> Source:
+    """Turn what the user typed into a Source, or fail with a clear message."""
+    if spec == "default" and not Path(spec).exists():
+        from .default_model import default_model_path
+
+        path = default_model_path()
+        return Source(spec, str(path.parent), path.name)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"source {spec} is a file but not a .gguf file; give a model folder, a hub id or a .gguf file")
+        return Source(spec, str(path.parent), path.name)
+    if path.is_dir():
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                raise UserError(f"no GGUF file {gguf_file} in {spec}")
+            return Source(spec, str(path), gguf_file)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} has no config.json: not a Hugging Face model folder")
+        return Source(spec, str(path))
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if looks_local or not HUB_ID.match(spec):
+        raise UserError(f"source not found: {spec}")
+    return Source(spec, spec, gguf_file, is_local=False)
+
+
+def require_gguf(source: Source) -> None:
+    if not source.gguf_file:
+        return
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("reading GGUF files needs the gguf package: pip install 'block-uptrain[gguf]'") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def load_config(source: Source):
+    from transformers import AutoConfig
+
+    require_gguf(source)
+    try:
+        return AutoConfig.from_pretrained(source.location, **source.kwargs)
+    except Exception as error:  # any failure to read the source is the user's to fix
+        raise UserError(f"cannot read the config of {source.spec}: {_first_line(error)}") from None
+
+
+def load_model(source: Source, dtype: str = "auto"):
+    """The source as a transformers causal LM on the CPU, in `dtype` (auto: the checkpoint's own)."""
+    from transformers import AutoModelForCausalLM
+
+    require_gguf(source)
+    torch_dtype = DTYPES.get(dtype, "auto")
+    if dtype == "auto" and source.gguf_file:
+        torch_dtype = torch.float32  # GGUF weights are dequantized
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs)
+    except Exception as error:  # corrupt or truncated weights, unreachable hub, ...
+        raise UserError(f"cannot load the weights of {source.spec}: {_first_line(error)}") from None
+
+
+def load_tokenizer(source: Source):
+    """The source's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **source.kwargs)
+    except Exception:
+        return None
+
+
+def fingerprint(source: Source) -> dict:
+    """What identifies the exact source: file hashes for local files, the commit for hub models."""
+    if not source.is_local:
+        from huggingface_hub import try_to_load_from_cache
+
+        config_path = try_to_load_from_cache(source.location, "config.json")
+        revision = Path(config_path).parent.name if isinstance(config_path, str) else None
+        return {"hub_id": source.location, "revision": revision}
+    folder = Path(source.location)
+    names = [source.gguf_file] if source.gguf_file else sorted(
+        p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()
+    )
+    return {"path": str(folder.resolve()), "sha256": {name: _sha256(folder / name) for name in names}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
