@@ -86,9 +86,13 @@ def load_model(source: Source, dtype: str = "auto"):
     if dtype == "auto" and source.gguf_file:
         torch_dtype = torch.float32  # GGUF weights are dequantized
     try:
-        return AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs)
     except Exception as error:  # corrupt or truncated weights, unreachable hub, ...
         raise UserError(f"cannot load the weights of {source.spec}: {_first_line(error)}") from None
+    if source.gguf_file:  # the weights are dequantized: from here on it is a plain float model
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model
 
 
 def load_tokenizer(source: Source):

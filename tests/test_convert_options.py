@@ -1,0 +1,76 @@
+"""Layer methods, dtype, records and the written folder."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from uptrain.convert import select_layers
+from uptrain.errors import UserError
+
+
+def test_select_layers():
+    assert select_layers(6, 3, "partition") == {"block_decoder": [0, 1, 2], "token_decoder": [3, 4, 5]}
+    assert select_layers(6, 3, "skip") == {"block_decoder": [0, 2, 4], "token_decoder": [1, 3, 5]}
+    assert select_layers(6, 6, "duplicate") == {"block_decoder": list(range(6)), "token_decoder": list(range(6))}
+    assert select_layers(6, 6, "partition")["token_decoder"] == []
+    with pytest.raises(UserError):
+        select_layers(6, 7, "partition")
+
+
+def saved_tensors(folder):
+    tensors = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["skip", "duplicate"])
+def test_methods_take_the_right_source_layers(method, tiny_source, run_cli, tmp_path):
+    folder, source = tiny_source("qwen2")
+    out = tmp_path / method
+    result = run_cli("convert", folder, out, "--method", method, "--block-layers", 2)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "conversion.json").read_text())
+    layers = select_layers(4, 2, method)
+    assert record["source_layers"] == layers
+    saved = saved_tensors(out)
+    weights = dict(source.named_parameters())
+    for new, old in enumerate(layers["block_decoder"]):
+        torch.testing.assert_close(saved[f"block_decoder.layers.{new}.mlp.up_proj.weight"],
+                                   weights[f"model.layers.{old}.mlp.up_proj.weight"], rtol=0, atol=0)
+    for new, old in enumerate(layers["token_decoder"]):
+        torch.testing.assert_close(saved[f"token_decoder.model.layers.{new}.self_attn.q_proj.bias"],
+                                   weights[f"model.layers.{old}.self_attn.q_proj.bias"], rtol=0, atol=0)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(4, 20)[None], labels=torch.arange(4, 20)[None]).loss)
+
+
+def test_initialisation_and_dtype(tiny_source, run_cli, tmp_path):
+    folder, source = tiny_source("llama")
+    out = tmp_path / "bf16"
+    result = run_cli("convert", folder, out, "--dtype", "bfloat16", "--block-length", 2, "--prefix-length", 3)
+    assert result.exit_code == 0, result.output
+    saved = saved_tensors(out)
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())
+    dim = source.config.hidden_size
+    eye = torch.eye(dim, dtype=torch.bfloat16)
+    torch.testing.assert_close(saved["embedder_projection.weight"], torch.cat([eye / 2, eye / 2], dim=1))
+    torch.testing.assert_close(saved["expansion.weight"], torch.cat([eye] * 3, dim=0))
+    assert not saved["embedder_projection.bias"].any() and not saved["expansion.bias"].any()
+    # the first block's context is the source's residual state after the block layers on the BOS token
+    with torch.no_grad():
+        bos = source.model(torch.tensor([[1]]), output_hidden_states=True).hidden_states[2][0, 0]
+    torch.testing.assert_close(saved["start_context"].float(), bos, atol=2e-2, rtol=2e-2)
+    assert "token_decoder.lm_head.weight" not in saved  # tied to the token decoder's embeddings
+
+    config = json.loads((out / "config.json").read_text())
+    assert (config["block_length"], config["prefix_length"], config["dtype"]) == (2, 3, "bfloat16")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "trust_remote_code=True" in card and "block length | 2" in card
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["options"]["dtype"] == "bfloat16" and "model.safetensors" in record["source_fingerprint"]["sha256"]

