@@ -26,11 +26,18 @@ def smollm2(tmp_path_factory):
     return gguf, folder, source, tokenizer
 
 
-def test_convert_default_gguf_and_reload(smollm2, run_cli, tmp_path):
-    gguf, _, source, tokenizer = smollm2
-    out = tmp_path / "smollm2-b4"
+@pytest.fixture(scope="module")
+def converted_b4(smollm2, run_cli, tmp_path_factory):
+    """`uptrain convert default OUT`: the GGUF through the CLI with default options."""
+    out = tmp_path_factory.mktemp("smollm2-b4") / "model"
     result = run_cli("convert", "default", out)
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_convert_default_gguf_and_reload(smollm2, converted_b4):
+    gguf, _, source, tokenizer = smollm2
+    out = converted_b4
 
     names = {p.name for p in out.iterdir()}
     for required in ("config.json", "model.safetensors.index.json", "generation_config.json", "README.md", "conversion.json",
@@ -66,3 +73,27 @@ def test_identity_invariant_on_real_weights(smollm2, run_cli, tmp_path):
     ids = tokenizer(SAMPLE, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, source(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_generation_matches_teacher_forcing_on_real_weights(smollm2, converted_b4):
+    _, _, _, tokenizer = smollm2
+    model = AutoModelForCausalLM.from_pretrained(converted_b4, trust_remote_code=True, dtype=torch.float32).eval()
+    text = tokenizer(SAMPLE, return_tensors="pt").input_ids[0]
+    new = 9
+    prompts = [text[i * 10 : i * 10 + length] for i, length in enumerate(range(1, 10))]
+    for prompt in prompts:
+        output = model.generate(prompt[None], max_new_tokens=new, do_sample=False, eos_token_id=None)
+        with torch.no_grad():
+            forced = model(output).logits[0, len(prompt) - 1 : -1].argmax(-1)
+        assert torch.equal(output[0, len(prompt) :], forced), len(prompt)
+
+    width = 9
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id or 0)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = prompt
+        mask[i, width - len(prompt) :] = 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=new, do_sample=False, eos_token_id=None)
+        assert torch.equal(batch[i, width:], alone[0, len(prompt) :]), i

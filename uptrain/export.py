@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 
 PACKAGE_DIR = Path(__file__).parent
-MODEL_FILES = ("configuration_block_transformer.py", "modeling_block_transformer.py")
+MODEL_FILES = ("configuration_block_transformer.py", "modeling_block_transformer.py", "generation_block_transformer.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_block_transformer.BlockTransformerConfig",
     "AutoModelForCausalLM": "modeling_block_transformer.BlockTransformerForCausalLM",

@@ -24,6 +24,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_block_transformer import BlockTransformerConfig
+from .generation_block_transformer import BlockGenerationMixin
 
 # Attribute names of the final norm in transformers' base models; the block decoder drops it, since its
 # output is a residual-stream state that enters the token decoder.
@@ -73,7 +74,7 @@ class BlockTransformerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.start_context)
 
 
-class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel):
+class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrainedModel):
     """Block decoder + token decoder, each built from the source architecture's own transformers class."""
 
     def __init__(self, config: BlockTransformerConfig):
