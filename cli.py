@@ -1,4 +1,4 @@
-"""The `uptrain` command line: convert (and, as they land, train, generate, eval, bench, push)."""
+"""The `uptrain` command line: convert and generate (train, eval, bench and push as they land)."""
 
 import functools
 import sys
@@ -56,6 +56,50 @@ def convert(
     options = ConvertOptions(block_length, block_layers, method, prefix_length, dtype)
     path = run_convert(source, out, options, gguf_file=gguf_file, overwrite=overwrite)
     typer.echo(f"converted {source} -> {path}")
+
+
+@app.command()
+@reports_user_errors
+def generate(
+    model: Annotated[str, typer.Argument(help="A converted folder, or any source convert accepts (to compare).")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; several are generated as a batch.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="Read prompts from a file, one a line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 means greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens; 0 means all.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file inside MODEL.")] = None,
+):
+    """Generate text; a single prompt is streamed to the terminal as it is produced."""
+    import torch
+    from transformers import TextStreamer
+
+    from uptrain.inference import generate_texts, load_for_inference
+
+    texts = list(prompts or [])
+    if file is not None:
+        if not file.is_file():
+            raise UserError(f"prompt file not found: {file}")
+        texts += [line for line in file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise UserError("give at least one prompt, or --file with one prompt a line")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise UserError("--max-new-tokens and --batch-size must be at least 1")
+    torch.manual_seed(seed)
+    loaded, tokenizer = load_for_inference(model, device, dtype, gguf_file)
+    sampling = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens)
+    if temperature > 0:
+        sampling.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    stream = len(texts) == 1
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    for prompt, continuation in generate_texts(loaded, tokenizer, texts, batch_size, streamer, **sampling):
+        if stream:
+            continue  # already printed by the streamer
+        typer.echo(f"### {prompt}\n{continuation}\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,29 @@ def run_cli():
     return run
 
 
+def load_block_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_source, run_cli, tmp_path_factory):
+    """family -> folder of its default conversion through the CLI (L_B 4, half the layers each)."""
+    folders = {}
+
+    def get(family: str):
+        if family not in folders:
+            source_folder, _ = tiny_source(family)
+            out = tmp_path_factory.mktemp(f"b4-{family}") / "model"
+            result = run_cli("convert", source_folder, out)
+            assert result.exit_code == 0, result.output
+            folders[family] = out
+        return folders[family]
+
+    return get
+
+
 def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids a vanilla model needs to see a left-padded row as if it were alone."""
     return (mask.cumsum(1) - 1).clamp(min=0)

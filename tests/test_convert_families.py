@@ -7,32 +7,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_block_model as load
 from conftest import padded_positions
 from families import FAMILIES
-from transformers import AutoModelForCausalLM
 
 VOCAB = 128
-
-
-def load(folder):
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_source, run_cli, tmp_path_factory):
-    """family -> folder of the default conversion (L_B 4, half the layers in each decoder)."""
-    folders = {}
-
-    def get(family):
-        if family not in folders:
-            source_folder, _ = tiny_source(family)
-            out = tmp_path_factory.mktemp(f"b4-{family}") / "model"
-            result = run_cli("convert", source_folder, out)
-            assert result.exit_code == 0, result.output
-            folders[family] = out
-        return folders[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)

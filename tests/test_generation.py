@@ -2,28 +2,23 @@
 
 import pytest
 import torch
+from conftest import load_block_model
 from families import FAMILIES, tiny_tokenizer
-from transformers import AutoModelForCausalLM, TextStreamer
+from transformers import TextStreamer
 
 BLOCK = 4  # the default block length the `converted` fixture uses
 NEW = 11
 
 
-def load(folder):
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-
-
 @pytest.fixture(scope="module")
-def converted(tiny_source, run_cli, tmp_path_factory):
-    folders = {}
+def model_of(converted):
+    """family -> loaded default conversion, loaded once per module."""
+    models = {}
 
     def get(family):
-        if family not in folders:
-            source_folder, _ = tiny_source(family)
-            out = tmp_path_factory.mktemp(f"gen-{family}") / "model"
-            assert run_cli("convert", source_folder, out).exit_code == 0
-            folders[family] = load(out)
-        return folders[family]
+        if family not in models:
+            models[family] = load_block_model(converted(family))
+        return models[family]
 
     return get
 
@@ -35,8 +30,8 @@ def teacher_forced_argmax(model, sequence, prompt_length):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_equals_teacher_forcing(family, converted):
-    model = converted(family)
+def test_greedy_equals_teacher_forcing(family, model_of):
+    model = model_of(family)
     for length in range(1, 2 * BLOCK + 2):
         torch.manual_seed(length)
         prompt = torch.randint(4, 128, (2, length))
@@ -47,8 +42,8 @@ def test_greedy_equals_teacher_forcing(family, converted):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_batch_equals_each_prompt_alone(family, converted):
-    model = converted(family)
+def test_left_padded_batch_equals_each_prompt_alone(family, model_of):
+    model = model_of(family)
     torch.manual_seed(5)
     rows = [torch.randint(4, 128, (n,)) for n in (3, 9, 5, 1, 4)]
     width = max(len(row) for row in rows)
@@ -64,8 +59,8 @@ def test_left_padded_batch_equals_each_prompt_alone(family, converted):
         assert torch.equal(batch[i, width:], alone[0, len(row) :]), i
 
 
-def test_eos_stops_a_row_and_min_new_tokens(converted):
-    model = converted("llama")
+def test_eos_stops_a_row_and_min_new_tokens(model_of):
+    model = model_of("llama")
     torch.manual_seed(6)
     prompt = torch.randint(4, 128, (1, 6))
     free = model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=None)[0, 6:]
@@ -80,8 +75,8 @@ def test_eos_stops_a_row_and_min_new_tokens(converted):
     assert (later[: first + 2] != eos).all()
 
 
-def test_sampling_is_seeded_and_top_k_1_is_greedy(converted):
-    model = converted("qwen2")
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model_of):
+    model = model_of("qwen2")
     prompt = torch.randint(4, 128, (3, 5))
     runs = []
     for _ in range(2):
@@ -94,9 +89,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(converted):
     assert torch.equal(top1, greedy)
 
 
-def test_token_decoder_positions_match_training(converted):
+def test_token_decoder_positions_match_training(model_of):
     """The reference code gives the token decoder other position ids in generation than in training."""
-    model = converted("gpt2")  # learned absolute positions: a wrong id would change the output
+    model = model_of("gpt2")  # learned absolute positions: a wrong id would change the output
     seen = []
 
     def record(module, args, kwargs):
@@ -116,8 +111,8 @@ def test_token_decoder_positions_match_training(converted):
     assert sum(seen, []) == window  # prefix first, then one position per fed token
 
 
-def test_streamer_prints_the_new_text(converted, capsys):
-    model = converted("llama")
+def test_streamer_prints_the_new_text(model_of, capsys):
+    model = model_of("llama")
     tokenizer = tiny_tokenizer()
     prompt = tokenizer("hello", return_tensors="pt").input_ids
     output = model.generate(prompt, max_new_tokens=7, do_sample=False, eos_token_id=None,

@@ -58,18 +58,15 @@ class BlockTransformerConfig(PretrainedConfig):
         kwargs["tie_word_embeddings"] = False
         super().__init__(**kwargs)
 
-    def to_dict(self):
-        output = super().to_dict()
+    def _nested_as_dicts(self, output: dict) -> dict:
         for key in ("block_decoder", "token_decoder"):
             sub = getattr(self, key)
             if isinstance(sub, PretrainedConfig):
                 output[key] = sub.to_dict()
         return output
 
+    def to_dict(self):
+        return self._nested_as_dicts(super().to_dict())
+
     def to_diff_dict(self):
-        output = super().to_diff_dict()
-        for key in ("block_decoder", "token_decoder"):
-            sub = getattr(self, key)
-            if isinstance(sub, PretrainedConfig):
-                output[key] = sub.to_dict()
-        return output
+        return self._nested_as_dicts(super().to_diff_dict())

@@ -95,12 +95,13 @@ def load_model(source: Source, dtype: str = "auto"):
     return model
 
 
-def load_tokenizer(source: Source):
-    """The source's tokenizer, or None when it has none."""
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    """The source's tokenizer, or None when it has none. Our own folders need `trust_remote_code`, since
+    their config maps to the shipped model code."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.location, **source.kwargs)
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **source.kwargs)
     except Exception:
         return None
 
