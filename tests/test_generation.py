@@ -119,3 +119,27 @@ def test_streamer_prints_the_new_text(model_of, capsys):
                             streamer=TextStreamer(tokenizer, skip_prompt=True))
     printed = capsys.readouterr().out
     assert printed.strip() == tokenizer.decode(output[0, prompt.shape[1] :]).strip()
+
+
+def test_finished_rows_leave_the_batch(model_of):
+    """A row that hits EOS is dropped between blocks; the others go on exactly as when alone."""
+    model = model_of("qwen2")
+    torch.manual_seed(8)
+    prompts = torch.randint(4, 128, (3, 5))
+    free = model.generate(prompts, max_new_tokens=3 * NEW, do_sample=False, eos_token_id=None)[:, 5:]
+    eos = int(free[0, 1])  # row 0 stops early; the others may or may not meet this token
+    seen_batches = []
+    handle = model.block_decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen_batches.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    try:
+        stopped = model.generate(prompts, max_new_tokens=3 * NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)[:, 5:]
+    finally:
+        handle.remove()
+    for row in range(3):
+        alone = model.generate(prompts[row : row + 1], max_new_tokens=3 * NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(stopped[row], alone[0, 5:])
+        hits = (free[row] == eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else free.shape[1]
+        assert torch.equal(stopped[row, :end], free[row, :end]) and (stopped[row, end:] == 0).all()
+    assert seen_batches[0] == 3 and min(seen_batches) < 3

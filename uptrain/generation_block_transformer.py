@@ -15,6 +15,7 @@ data-dependent control flow inside a block, so that caches can be preallocated l
 
 import copy
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, GenerationConfig
@@ -121,66 +122,105 @@ class BlockGenerationMixin:
             context = torch.where(whole[:, None] > 0, hidden[:, -1], start)
 
         steps = -(-(max_new + int(partial.max())) // block_length)  # block steps that give every row max_new
-        produced = torch.zeros(batch, dtype=torch.long, device=device)  # generated tokens per row so far
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        new_tokens = torch.full((batch, max_new), pad_id, dtype=torch.long, device=device)
+        rows = _ActiveRows(
+            index=torch.arange(batch, device=device),
+            produced=torch.zeros(batch, dtype=torch.long, device=device),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+        output = _Output(torch.full((batch, max_new), pad_id, dtype=torch.long, device=device), eos, pad_id, min_new, warpers, streamer)
         for step in range(steps):
-            block = self._decode_block(
-                context, forced, n_forced, produced, finished, new_tokens, eos, pad_id, min_new, warpers, streamer
-            )  # (B, L)
+            block = self._decode_block(context, forced, n_forced, rows, output)  # (A, L) for A active rows
             if step == steps - 1:
                 break
-            block_mask = torch.cat([block_mask, block_mask.new_ones(batch, 1)], dim=1)
-            position = block_mask.sum(1, keepdim=True) - 1  # (B, 1)
+            done = rows.finished | (rows.produced >= max_new)  # (A,)
+            if bool(done.any()):  # between blocks, drop finished rows from every piece of state
+                if bool(done.all()):
+                    break
+                keep = (~done).nonzero()[:, 0]
+                rows = rows.select(keep)
+                block_cache.reorder_cache(keep)
+                block, block_mask, forced = block[keep], block_mask[keep], forced[keep]
+            block_mask = torch.cat([block_mask, block_mask.new_ones(block_mask.shape[0], 1)], dim=1)
+            position = block_mask.sum(1, keepdim=True) - 1  # (A, 1)
             hidden = self.block_decoder(
                 inputs_embeds=self.embed_blocks(block), attention_mask=block_mask, position_ids=position,
                 use_cache=True, **{cache_arg: block_cache},
-            ).last_hidden_state  # (B, 1, D)
+            ).last_hidden_state  # (A, 1, D)
             context = hidden[:, -1]
-            n_forced = torch.zeros_like(n_forced)
+            n_forced = torch.zeros_like(rows.produced)
         if streamer is not None:
             streamer.end()
-        return torch.cat([input_ids, new_tokens], dim=1)
+        return torch.cat([input_ids, output.tokens], dim=1)
 
-    def _decode_block(self, context, forced, n_forced, produced, finished, new_tokens, eos, pad_id, min_new, warpers, streamer):
-        """The token decoder's L steps for one block; writes generated tokens into `new_tokens` in place.
+    def _decode_block(self, context, forced, n_forced, rows: "_ActiveRows", output: "_Output"):
+        """The token decoder's L steps for one block; writes generated tokens into `output.tokens`.
 
-        context (B, D); forced (B, L) given tokens, used where position < n_forced (B,). Returns (B, L).
+        context (A, D) for the A active rows; forced (A, L) given tokens, used where position < n_forced (A,).
+        Returns the block's tokens (A, L).
         """
-        batch = context.shape[0]
+        active = context.shape[0]
         block_length, r = self.config.block_length, self.config.prefix_length
-        max_new = new_tokens.shape[1]
-        positions = self.window_position_ids(context.device)[None].expand(batch, -1)  # (B, r+L-1)
+        max_new = output.tokens.shape[1]
+        positions = self.window_position_ids(context.device)[None].expand(active, -1)  # (A, r+L-1)
         cache = DynamicCache(config=self.config.token_decoder)
         cache_arg = _cache_argument(self.token_decoder)
-        embeds = self.prefix_inputs(context)  # (B, r, D)
+        embeds = self.prefix_inputs(context)  # (A, r, D)
         step_positions = positions[:, :r]
-        rows = torch.arange(batch, device=context.device)
         block = []
         for i in range(block_length):
             logits = self.token_decoder(
                 inputs_embeds=embeds, position_ids=step_positions, use_cache=True, logits_to_keep=1,
                 **{cache_arg: cache},
-            ).logits[:, -1].float()  # (B, V)
-            if len(eos) and min_new:
-                logits[:, eos] = torch.where((produced < min_new)[:, None], float("-inf"), logits[:, eos])
-            if warpers:
-                probs = torch.softmax(warpers(None, logits), dim=-1)
-                chosen = torch.multinomial(probs, 1)[:, 0]
-            else:
-                chosen = logits.argmax(-1)
-            is_given = i < n_forced  # (B,)
-            chosen = torch.where(finished, pad_id, chosen)
-            token = torch.where(is_given, forced[:, i], chosen)  # (B,)
-            writes = ~is_given & (produced < max_new)
-            new_tokens[rows[writes], produced[writes]] = token[writes]
-            if streamer is not None and bool(writes[0]):
-                streamer.put(token.cpu())
-            if len(eos):
-                finished |= writes & torch.isin(token, eos)
-            produced += writes.long()
+            ).logits[:, -1].float()  # (A, V)
+            token = output.choose(logits, rows, forced[:, i], is_given=i < n_forced)  # (A,)
             block.append(token)
             if i + 1 < block_length:
-                embeds = self.token_decoder.get_input_embeddings()(token[:, None])  # (B, 1, D)
+                embeds = self.token_decoder.get_input_embeddings()(token[:, None])  # (A, 1, D)
                 step_positions = positions[:, r + i : r + i + 1]
         return torch.stack(block, dim=1)
+
+
+@dataclass
+class _ActiveRows:
+    """The rows still generating: their index in the batch, tokens generated so far, whether EOS came."""
+
+    index: torch.Tensor  # (A,)
+    produced: torch.Tensor  # (A,)
+    finished: torch.Tensor  # (A,)
+
+    def select(self, keep: torch.Tensor) -> "_ActiveRows":
+        return _ActiveRows(self.index[keep], self.produced[keep], self.finished[keep])
+
+
+@dataclass
+class _Output:
+    """Where generated tokens go (B, max_new), and the rules that pick them."""
+
+    tokens: torch.Tensor
+    eos: torch.Tensor
+    pad_id: int
+    min_new: int
+    warpers: LogitsProcessorList
+    streamer: object
+
+    def choose(self, logits, rows: _ActiveRows, given, is_given):
+        """Pick the next token of every active row (A,), record the generated ones, update `rows`."""
+        if len(self.eos) and self.min_new:
+            early = (rows.produced < self.min_new)[:, None]
+            logits[:, self.eos] = torch.where(early, float("-inf"), logits[:, self.eos])
+        if self.warpers:
+            chosen = torch.multinomial(torch.softmax(self.warpers(None, logits), dim=-1), 1)[:, 0]
+        else:
+            chosen = logits.argmax(-1)
+        chosen = torch.where(rows.finished, self.pad_id, chosen)
+        token = torch.where(is_given, given, chosen)  # (A,)
+        writes = ~is_given & (rows.produced < self.tokens.shape[1])  # (A,)
+        column = rows.produced.clamp(max=self.tokens.shape[1] - 1)
+        current = self.tokens[rows.index, column]
+        self.tokens[rows.index, column] = torch.where(writes, token, current)
+        if self.streamer is not None and bool(writes[0]):
+            self.streamer.put(token.cpu())
+        if len(self.eos):
+            rows.finished |= writes & torch.isin(token, self.eos)
+        rows.produced += writes.long()
+        return token
