@@ -1,4 +1,4 @@
-"""The `uptrain` command line: convert and generate (train, eval, bench and push as they land)."""
+"""The `uptrain` command line: convert, generate, data prepare, train (eval, bench and push as they land)."""
 
 import functools
 import sys
@@ -100,6 +100,60 @@ def generate(
         if stream:
             continue  # already printed by the streamer
         typer.echo(f"### {prompt}\n{continuation}\n")
+
+
+data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+@reports_user_errors
+def data_prepare(
+    source: Annotated[str, typer.Argument(help="Text/jsonl/parquet file, folder, glob, or hub dataset id.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for token shards and manifest.json.")],
+    tokenizer: Annotated[str, typer.Option(help="Model whose tokenizer to use (any SOURCE convert accepts).")],
+    split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "train",
+    text_field: Annotated[str, typer.Option(help="Field holding the text in jsonl/parquet/hub rows.")] = "text",
+    name: Annotated[str | None, typer.Option(help="Configuration name of a hub dataset.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file inside --tokenizer's folder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists and is not empty.")] = False,
+):
+    """Tokenize a corpus into shards for `uptrain train` (each document ends with EOS)."""
+    from uptrain.data import prepare
+    from uptrain.inference import is_block_transformer
+    from uptrain.sources import load_tokenizer, resolve
+
+    loaded = load_tokenizer(resolve(tokenizer, gguf_file), trust_remote_code=is_block_transformer(tokenizer))
+    if loaded is None:
+        raise UserError(f"{tokenizer} has no tokenizer")
+    manifest = prepare(
+        source, out, loaded, split=split, text_field=text_field, name=name, val_fraction=val_fraction,
+        seed=seed, overwrite=overwrite, tokenizer_name=tokenizer,
+    )
+    splits = manifest["splits"]
+    summary = ", ".join(f"{key}: {value['tokens']:,} tokens in {value['documents']:,} documents" for key, value in splits.items())
+    typer.echo(f"wrote {out} ({summary})")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+@reports_user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe, e.g. recipes/tiny-cpu.yaml.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Overrides as dotted key=value, e.g. lr=1e-4 distill.enabled=true.")] = None,
+):
+    """Uptrain a Block Transformer (converting the recipe's source first when needed).
+
+    Runs on one process, or on many with `accelerate launch [--num_processes N] cli.py train RECIPE ...`.
+    """
+    from uptrain.recipe import load_recipe
+    from uptrain.train import train as run_training
+
+    facts = run_training(load_recipe(recipe, overrides or []))
+    evaluation = facts.get("eval") or {}
+    held_out = f", held-out loss {evaluation['val_loss']:.4f}" if evaluation else ""
+    typer.echo(f"trained {facts['steps']} steps ({facts['tokens']:,} tokens){held_out}; model in {facts['final_model']}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from families import save_tiny_model  # noqa: E402
 
+from uptrain.default_model import default_model_path  # noqa: E402
+from uptrain.sources import load_model, load_tokenizer, resolve  # noqa: E402
+
 from cli import app  # noqa: E402
 
 
@@ -37,6 +40,18 @@ def run_cli():
         return runner.invoke(app, [str(arg) for arg in args])
 
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(gguf path, HF copy of it in float32, source model, tokenizer)."""
+    gguf = default_model_path()
+    source = load_model(resolve(str(gguf))).eval()
+    tokenizer = load_tokenizer(resolve(str(gguf)))
+    folder = tmp_path_factory.mktemp("smollm2") / "hf"
+    source.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return gguf, folder, source, tokenizer
 
 
 def load_block_model(folder):

@@ -8,22 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from uptrain.default_model import default_model_path
-from uptrain.sources import load_model, load_tokenizer, resolve
-
 SAMPLE = (Path(__file__).parent / "data" / "sample.txt").read_text()
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """(gguf path, HF copy of it in float32, source model, tokenizer)."""
-    gguf = default_model_path()
-    source = load_model(resolve(str(gguf))).eval()
-    tokenizer = load_tokenizer(resolve(str(gguf)))
-    folder = tmp_path_factory.mktemp("smollm2") / "hf"
-    source.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return gguf, folder, source, tokenizer
 
 
 @pytest.fixture(scope="module")

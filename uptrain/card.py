@@ -14,8 +14,23 @@ def _front_matter(fields: dict) -> str:
     return "\n".join(lines + ["---", ""])
 
 
-def model_card(config, record: dict) -> str:
-    """A card stating what the model is, how it was made and how to load it."""
+def _training_section(training: dict | None) -> str:
+    if not training:
+        return ""
+    lines = ["", "## Training", "", "| | |", "|---|---|"]
+    lines.append(f"| optimizer steps | {training.get('steps')} |")
+    lines.append(f"| tokens seen | {training.get('tokens'):,} |")
+    if training.get("train_loss") is not None:
+        lines.append(f"| last training loss | {training['train_loss']:.4f} |")
+    evaluation = training.get("eval") or {}
+    if evaluation:
+        lines.append(f"| held-out loss | {evaluation['val_loss']:.4f} |")
+        lines.append(f"| held-out perplexity | {evaluation['val_perplexity']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def model_card(config, record: dict, training: dict | None = None) -> str:
+    """A card stating what the model is, how it was made (and trained) and how to load it."""
     fingerprint = record.get("source_fingerprint", {})
     fields = {"library_name": "transformers", "pipeline_tag": "text-generation"}
     if "hub_id" in fingerprint:
@@ -42,8 +57,7 @@ and {config.prefix_length} prefix vectors expanded from the block decoder's cont
 | block decoder layers (source indices) | {layers.get('block_decoder')} |
 | token decoder layers (source indices) | {layers.get('token_decoder')} |
 
-Freshly converted models start close to the source but lose quality until uptrained
-(`uptrain train`).
+A freshly converted model loses quality until it is uptrained (`uptrain train`).
 
 ## Usage
 
@@ -56,4 +70,4 @@ inputs = tokenizer("The capital of France is", return_tensors="pt")
 print(model(**inputs).logits.shape)
 ```
 """
-    return _front_matter(fields) + body
+    return _front_matter(fields) + body + _training_section(training)

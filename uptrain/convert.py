@@ -18,7 +18,7 @@ from .architectures import decoder_config, embedding_stage
 from .card import model_card
 from .configuration_block_transformer import BlockTransformerConfig
 from .errors import UserError
-from .export import check_target, staged_folder, write_model_folder
+from .export import check_target, staged_folder, untied_names, write_model_folder
 from .modeling_block_transformer import BlockTransformerForCausalLM, final_norm_name, initial_weights
 from .sources import DTYPES, Source, fingerprint, load_config, load_model, load_tokenizer, require_gguf, resolve
 
@@ -106,7 +106,6 @@ def target_tensors(source: nn.Module, target: nn.Module, config: BlockTransforme
     dim = config.block_decoder.hidden_size
     ours = initial_weights(dim, config.block_length, config.prefix_length)
     ours["start_context"] = start_context
-    tied = set(getattr(target, "all_tied_weights_keys", {}) or {})
     layer_key = re.compile(rf"^{re.escape(layers_name)}\.(\d+)\.(.*)$")
 
     def from_source(rest: str, indices: list[int]) -> torch.Tensor:
@@ -116,9 +115,7 @@ def target_tensors(source: nn.Module, target: nn.Module, config: BlockTransforme
         return source_state[f"{prefix}.{rest}"]
 
     dtype = next(source.parameters()).dtype
-    for name in target.state_dict():
-        if name in tied:
-            continue
+    for name in untied_names(target):
         part, _, rest = name.partition(".")
         if part == "block_decoder":
             yield name, from_source(rest, config.source_layers["block_decoder"])
@@ -179,13 +176,12 @@ def convert(spec: str, out: Path, options: ConvertOptions, gguf_file: str | None
     tokenizer = load_tokenizer(source_ref)
     generation_config = getattr(source, "generation_config", None)
     record = conversion_record(source_ref, options, config)
-    names = [name for name in target.state_dict() if name not in (getattr(target, "all_tied_weights_keys", {}) or {})]
     with staged_folder(out, overwrite) as folder:
         write_model_folder(
             folder,
             config,
             target_tensors(source, target, config, start_context),
-            total=len(names),
+            total=len(untied_names(target)),
             tokenizer=tokenizer,
             generation_config=generation_config,
             card=model_card(config, record),

@@ -48,6 +48,19 @@ def staged_folder(out: Path, overwrite: bool):
     staging.rename(out)
 
 
+def untied_names(model) -> list[str]:
+    """State-dict names to save: tied copies (an LM head tied to its embeddings) are restored on load."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return [name for name in model.state_dict() if name not in tied]
+
+
+def saved_tensors(model) -> tuple[list[str], Iterable[tuple[str, torch.Tensor]]]:
+    """(names, iterator of (name, tensor)) of an in-memory model, for `write_model_folder`."""
+    names = untied_names(model)
+    state = model.state_dict()
+    return names, ((name, state[name]) for name in names)
+
+
 def write_model_folder(
     folder: Path,
     config,

@@ -1,0 +1,72 @@
+"""Recipes: every shipped one validates; unknown keys and wrong types are one-line errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from uptrain.errors import UserError
+from uptrain.recipe import Recipe, load_recipe
+from uptrain.train import lr_factor
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert {p.name for p in RECIPES} >= {"tiny-cpu.yaml", "smollm2-135m-b4.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.seq_len % recipe.convert.block_length == 0
+    assert recipe.total_steps() > 0
+
+
+def test_real_recipe_matches_the_paper_schedule():
+    recipe = load_recipe(Path(RECIPES[0]).parent / "smollm2-135m-b4.yaml")
+    assert (recipe.seq_len, recipe.global_batch_size, recipe.max_steps, recipe.warmup_steps) == (2048, 256, 57200, 3000)
+    assert recipe.betas == [0.9, 0.95] and recipe.weight_decay == 0.1 and recipe.precision == "bf16"
+    assert (recipe.convert.block_length, recipe.convert.block_layers, recipe.convert.prefix_length) == (4, 15, 2)
+
+
+def test_overrides_are_dotted_and_typed(tmp_path):
+    path = Path(RECIPES[0]).parent / "tiny-cpu.yaml"
+    recipe = load_recipe(path, ["lr=1e-4", "distill.enabled=true", "distill.weight=0.3", "max_steps=7", "betas=[0.8, 0.9]"])
+    assert recipe.lr == 1e-4 and recipe.distill.enabled and recipe.distill.weight == 0.3
+    assert recipe.max_steps == 7 and recipe.betas == [0.8, 0.9]
+    assert load_recipe(path, ["max_steps=", "max_tokens=4096"]).total_steps() == 2  # 8 x 256 tokens a step
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learning_rate=1e-4", "unknown recipe key 'learning_rate'"),
+        ("distill.alpha=1", "unknown recipe key 'distill.alpha'"),
+        ("lr=fast", "recipe key 'lr' must be float, got 'fast'"),
+        ("max_steps=2.5", "recipe key 'max_steps' must be int, got 2.5"),
+        ("precision=fp8", "recipe key 'precision' must be one of fp32, bf16, fp16"),
+        ("betas=[0.9]", "recipe key 'betas' must have two values"),
+        ("micro_batch_size=3", "'global_batch_size' must be a multiple of 'micro_batch_size'"),
+        ("lr", "override 'lr' is not key=value"),
+    ],
+)
+def test_bad_recipe_keys(override, message):
+    with pytest.raises(UserError, match=None) as error:
+        load_recipe(Path(RECIPES[0]).parent / "tiny-cpu.yaml", [override])
+    assert message in str(error.value)
+
+
+def test_unknown_key_through_the_cli(run_cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: default\ndata: d\noutput_dir: o\nmax_steps: 1\nwarmup: 3\n")
+    result = run_cli("train", recipe)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: unknown recipe key 'warmup'"
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(step, 10, 100, 0.1) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)

@@ -1,0 +1,180 @@
+"""The uptraining loop: exact resume after SIGKILL, several processes, distillation, bad input, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from families import tiny_tokenizer
+from safetensors.torch import load_file
+
+from uptrain.data import prepare
+from uptrain.recipe import load_recipe
+from uptrain.train import complete_checkpoints, distillation_loss, resume_point
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
+WORDS = "the a of block token model layer cache fast slow text data train step loss window prefix".split()
+
+
+def corpus_file(path: Path, documents: int = 300, seed: int = 0) -> Path:
+    """Paragraphs of pseudo-random words: enough text for a few epochs of tiny batches."""
+    rng = torch.Generator().manual_seed(seed)
+    paragraphs = []
+    for _ in range(documents):
+        picks = torch.randint(len(WORDS), (int(torch.randint(8, 40, (1,), generator=rng)),), generator=rng)
+        paragraphs.append(" ".join(WORDS[i] for i in picks) + ".")
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    prepare(str(corpus_file(folder / "corpus.txt")), folder / "tokens", tiny_tokenizer(), val_fraction=0.1,
+            tokenizer_name="tiny")
+    return folder / "tokens"
+
+
+def tiny_overrides(source, data, out, **extra):
+    values = dict(source=source, data=data, output_dir=out, seq_len=64, micro_batch_size=4, global_batch_size=8,
+                  max_steps=12, warmup_steps=2, eval_every=6, eval_windows=4, save_every=4, keep_checkpoints=5,
+                  log_every=1, tracker="none", lr=1e-3, **{"convert.block_layers": 2})
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_train(overrides, **popen):
+    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), "train", str(TINY_RECIPE), *overrides],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def final_weights(out: Path) -> dict:
+    weights = {}
+    for path in (out / "final").glob("*.safetensors"):
+        weights.update(load_file(path))
+    return weights
+
+
+def losses(out: Path) -> list[float]:
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    by_step = {}
+    for line in lines:
+        record = json.loads(line)
+        by_step[record["step"]] = record["train/loss"]
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_source, tiny_data, tmp_path):
+    source, _ = tiny_source("llama")
+    extra = dict(max_steps=40, save_every=5, seq_len=128, micro_batch_size=8, global_batch_size=16)
+    straight = run_train(tiny_overrides(source, tiny_data, tmp_path / "straight", **extra))
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
+
+    killed = run_train(tiny_overrides(source, tiny_data, tmp_path / "killed", **extra))
+    first = tmp_path / "killed" / "checkpoints" / "step-00000005" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    left = complete_checkpoints(tmp_path / "killed")
+    assert left and int(left[-1].name.removeprefix("step-")) < 40
+    assert not (tmp_path / "killed" / "final").exists()
+
+    resumed = run_train(tiny_overrides(source, tiny_data, tmp_path / "killed", **extra))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / "step-00000004").mkdir(parents=True)
+    (folder / "step-00000004" / "trainer_state.json").write_text('{"step": 4}')
+    (folder / ".step-00000008.partial").mkdir()  # a crash while saving
+    (folder / "step-00000012").mkdir()  # renamed but without its state file
+    recipe = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}"])
+    assert resume_point(recipe) == folder / "step-00000004"
+
+
+def test_two_processes_match_one(tiny_source, tiny_data, tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo) gives the single-process loss curve."""
+    source, _ = tiny_source("llama")
+    one = run_train(tiny_overrides(source, tiny_data, tmp_path / "one"))
+    assert one.wait(timeout=600) == 0, one.stderr.read()[-2000:]
+    launch = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "cli.py"), "train", str(TINY_RECIPE)]
+    two = subprocess.run([*launch, *tiny_overrides(source, tiny_data, tmp_path / "two")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    curve_one, curve_two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(curve_one) == len(curve_two) == 12
+    torch.testing.assert_close(torch.tensor(curve_two), torch.tensor(curve_one), rtol=1e-4, atol=1e-5)
+    assert curve_one[-1] < curve_one[0]
+
+
+def test_distillation_loss_against_float64():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.randint(7, (2, 5))
+    loss, ce = distillation_loss(student, teacher, labels, weight=0.25, temperature=2.0)
+    s, t = student[:, :-1].double() / 2, teacher[:, :-1].double() / 2
+    p_t = t.softmax(-1)
+    kl = (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1).mean()
+    expected_ce = torch.nn.functional.cross_entropy(student[:, :-1].double().reshape(-1, 7), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(ce.double(), expected_ce)
+    torch.testing.assert_close(loss.double(), 0.75 * expected_ce + 0.25 * 4 * kl)
+
+
+def test_distillation_run(tiny_source, tiny_data, tmp_path, run_cli):
+    source, _ = tiny_source("llama")
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, **{
+        "max_steps": 4, "distill.enabled": "true", "distill.weight": 0.5, "distill.temperature": 2.0}))
+    assert result.exit_code == 0, result.output
+    training = json.loads((tmp_path / "final" / "training.json").read_text())
+    assert training["steps"] == 4
+
+
+def test_bad_inputs(tiny_source, tiny_data, tmp_path, run_cli):
+    source, _ = tiny_source("llama")
+
+    def refused(*overrides, **extra):
+        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, extra.pop("data", tiny_data), tmp_path / "o", **extra), *overrides)
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()  # progress bars of a conversion may come first
+        assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr
+        assert not any(line.startswith("error: ") for line in lines[:-1])
+        return lines[-1]
+
+    assert "data folder not found" in refused(data=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert "has no manifest.json" in refused(data=tmp_path / "empty")
+    assert "seq_len 30 is not a multiple of the block length 4" in refused(seq_len=30)
+
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    prepare(str(corpus_file(tmp_path / "c.txt", documents=20)), tmp_path / "other", other, tokenizer_name="other-tok")
+    message = refused(data=tmp_path / "other")
+    assert "other-tok" in message and "differs from the tokenizer of model" in message
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_source, tiny_data, tmp_path, run_cli):
+    source, _ = tiny_source("llama")
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, lr="1e30", grad_clip=0,
+                                                           save_every=1, max_steps=12))
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: training loss became nan") or message.startswith("error: training loss became inf")
+    assert "Traceback" not in result.stderr and "the last good checkpoint is" in message
+    kept = complete_checkpoints(tmp_path)
+    assert kept and str(kept[-1]) in message
+    assert not (tmp_path / "final").exists()

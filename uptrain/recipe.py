@@ -1,0 +1,164 @@
+"""Training recipes: YAML files validated against a typed schema, with dotted `key=value` overrides."""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
+@dataclass
+class ConvertSection:
+    """How `source` is converted when it is a vanilla model (see `uptrain convert --help`)."""
+
+    block_length: int = 4
+    block_layers: int | None = None
+    method: str = "partition"
+    prefix_length: int = 2
+
+
+@dataclass
+class DistillSection:
+    """KL to a frozen teacher's logits mixed with the cross-entropy: (1-weight)*CE + weight*T^2*KL."""
+
+    enabled: bool = False
+    teacher: str | None = None  # default: the vanilla source model
+    weight: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass
+class Recipe:
+    source: str  # a vanilla model to convert first, or an already converted folder
+    data: str  # a folder written by `uptrain data prepare`
+    output_dir: str
+    convert: ConvertSection = field(default_factory=ConvertSection)
+    seq_len: int = 2048
+    micro_batch_size: int = 8
+    global_batch_size: int = 256
+    max_steps: int | None = None
+    max_tokens: int | None = None  # used when max_steps is not given
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 3000
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    eval_every: int = 500
+    eval_windows: int = 64  # held-out windows of seq_len tokens per evaluation
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    block_offset: bool = True  # random first-block offset per sample, as the reference code does
+    resume: str = "auto"  # auto | none | a checkpoint folder
+    tracker: str = "tensorboard"
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return -(-self.max_tokens // (self.global_batch_size * self.seq_len))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_value(key: str, value, kind):
+    """`value` converted to the annotated `kind`, or a UserError naming the key."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        kind = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise UserError(f"recipe key '{key}' must be a mapping, got {value!r}")
+        return _build(kind, value, prefix=f"{key}.")
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"recipe key '{key}' must be a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise UserError(f"recipe key '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise UserError(f"unknown recipe key '{prefix}{key}'")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"recipe key '{prefix}{missing[0]}' is required")
+    return cls(**{key: _check_value(prefix + key, value, hints[key]) for key, value in values.items()})
+
+
+def apply_override(values: dict, override: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as YAML) to the raw recipe dict in place."""
+    if "=" not in override:
+        raise UserError(f"override {override!r} is not key=value")
+    key, _, raw = override.partition("=")
+    parts = key.strip().split(".")
+    target = values
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise UserError(f"recipe key '{key}' goes through a value that is not a mapping")
+    target[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Checks across keys that types alone cannot express."""
+    if recipe.precision not in PRECISIONS:
+        raise UserError(f"recipe key 'precision' must be one of {', '.join(PRECISIONS)}, got {recipe.precision!r}")
+    if recipe.tracker not in TRACKERS:
+        raise UserError(f"recipe key 'tracker' must be one of {', '.join(TRACKERS)}, got {recipe.tracker!r}")
+    if (recipe.max_steps is None) == (recipe.max_tokens is None):
+        raise UserError("give exactly one of recipe keys 'max_steps' and 'max_tokens'")
+    if recipe.global_batch_size % recipe.micro_batch_size:
+        raise UserError("recipe key 'global_batch_size' must be a multiple of 'micro_batch_size'")
+    if len(recipe.betas) != 2:
+        raise UserError("recipe key 'betas' must have two values")
+    for key in ("seq_len", "micro_batch_size", "global_batch_size", "eval_every", "save_every", "log_every"):
+        if getattr(recipe, key) < 1:
+            raise UserError(f"recipe key '{key}' must be at least 1")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {path} must be a mapping of keys to values")
+    for override in overrides:
+        apply_override(values, override)
+    return validate(_build(Recipe, values))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

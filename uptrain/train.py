@@ -1,0 +1,319 @@
+"""The uptraining loop on accelerate: one process or many (`accelerate launch`), exact resume.
+
+A step is a pure function of (recipe, step, process rank): the batch comes from `TokenData` by global
+sample index, so a run resumed from a checkpoint continues exactly where an uninterrupted run would be.
+"""
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .recipe import Recipe, dump_recipe
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+LOG_FILE = "train_log.jsonl"  # one line per step: loss, lr, tokens/s, held-out figures when evaluated
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine down to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases, or the start context)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints whose writing finished (partial ones never carry the final name), oldest first."""
+    folder = output_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def resume_point(recipe: Recipe) -> Path | None:
+    if recipe.resume == "none":
+        return None
+    if recipe.resume == "auto":
+        found = complete_checkpoints(Path(recipe.output_dir))
+        return found[-1] if found else None
+    path = Path(recipe.resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"resume checkpoint not found or incomplete: {path}")
+    return path
+
+
+def distillation_loss(student, teacher, labels, weight: float, temperature: float):
+    """(1-w) * CE(student) + w * T^2 * KL(teacher || student) at temperature T, over predicted positions."""
+    vocab = student.shape[-1]
+    ce = F.cross_entropy(student[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1))
+    log_student = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
+    kl = F.kl_div(log_student.reshape(-1, vocab), log_teacher.reshape(-1, vocab), log_target=True, reduction="batchmean")
+    return (1 - weight) * ce + weight * temperature**2 * kl, ce
+
+
+class Trainer:
+    """Holds what a run needs; `run()` trains, evaluates, checkpoints and exports."""
+
+    def __init__(self, recipe: Recipe):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.recipe = recipe
+        self.output_dir = Path(recipe.output_dir)
+        trackers = None if recipe.tracker == "none" else recipe.tracker
+        self.accelerator = Accelerator(
+            mixed_precision=MIXED_PRECISION[recipe.precision], log_with=trackers, project_dir=str(self.output_dir)
+        )
+        set_seed(recipe.seed)
+        world = self.accelerator.num_processes
+        if recipe.global_batch_size % (recipe.micro_batch_size * world):
+            raise UserError(
+                f"global_batch_size {recipe.global_batch_size} must be a multiple of micro_batch_size x processes "
+                f"({recipe.micro_batch_size} x {world})"
+            )
+        self.accumulation = recipe.global_batch_size // (recipe.micro_batch_size * world)
+        self.total_steps = recipe.total_steps()
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def prepare_model(self) -> Path:
+        """The Block Transformer folder to train: `source` itself, or its conversion (made once)."""
+        from .convert import ConvertOptions, convert
+        from .inference import is_block_transformer
+
+        if is_block_transformer(self.recipe.source):
+            return Path(self.recipe.source)
+        converted = self.output_dir / "converted"
+        if self.accelerator.is_main_process and not (converted / "config.json").is_file():
+            section = self.recipe.convert
+            options = ConvertOptions(section.block_length, section.block_layers, section.method, section.prefix_length)
+            convert(self.recipe.source, converted, options)
+        self.accelerator.wait_for_everyone()
+        return converted
+
+    def check_block_length(self, block_length: int) -> None:
+        if self.recipe.seq_len % block_length:
+            raise UserError(f"seq_len {self.recipe.seq_len} is not a multiple of the block length {block_length}")
+
+    def load(self):
+        from transformers import AutoModelForCausalLM
+
+        from .data import TokenData, load_manifest, tokenizer_fingerprint
+        from .sources import load_tokenizer, resolve
+
+        recipe = self.recipe
+        manifest = load_manifest(recipe.data)  # fail on bad data and shapes before the slow conversion
+        self.check_block_length(recipe.convert.block_length)
+        self.model_dir = self.prepare_model()
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, trust_remote_code=True, dtype=torch.float32)
+        self.tokenizer = load_tokenizer(resolve(str(self.model_dir)), trust_remote_code=True)
+        block_length = model.config.block_length
+        self.check_block_length(block_length)
+        data_tokenizer = manifest["tokenizer"]
+        if self.tokenizer is None or data_tokenizer["sha256"] != tokenizer_fingerprint(self.tokenizer):
+            raise UserError(
+                f"data {recipe.data} was tokenized with {data_tokenizer.get('name') or 'another tokenizer'} "
+                f"(sha256 {data_tokenizer['sha256'][:12]}), which differs from the tokenizer of model "
+                f"{self.model_dir}; prepare the data with --tokenizer {recipe.source}"
+            )
+        self.train_data = TokenData(recipe.data, "train")
+        self.val_data = TokenData(recipe.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None
+        self.block_offset = block_length if recipe.block_offset else 0
+
+        optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, recipe.warmup_steps, self.total_steps, recipe.min_lr_ratio)
+        )
+        self.model, self.optimizer, self.schedule = self.accelerator.prepare(model, optimizer, schedule)
+        self.teacher = self.load_teacher() if recipe.distill.enabled else None
+
+    def load_teacher(self):
+        from .sources import load_model, resolve
+
+        spec = self.recipe.distill.teacher
+        if spec is None:
+            record = self.model_dir / "conversion.json"
+            spec = json.loads(record.read_text())["source"] if record.is_file() else self.recipe.source
+        teacher = load_model(resolve(spec)).eval().requires_grad_(False)
+        return teacher.to(self.accelerator.device)
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def micro_batches(self, step: int):
+        from .data import sample_indices
+
+        recipe = self.recipe
+        indices = sample_indices(
+            step, recipe.global_batch_size, self.accelerator.process_index, self.accelerator.num_processes
+        )
+        for start in range(0, len(indices), recipe.micro_batch_size):
+            chunk = indices[start : start + recipe.micro_batch_size]
+            batch = self.train_data.batch(chunk, recipe.seq_len, recipe.seed, self.block_offset)
+            yield batch.to(self.accelerator.device)  # (micro, seq_len)
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step over the global batch; returns the mean cross-entropy across all processes."""
+        total = torch.zeros((), device=self.accelerator.device)
+        for i, ids in enumerate(self.micro_batches(step)):
+            last = i == self.accumulation - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            with sync, self.accelerator.autocast():
+                logits = self.model(ids).logits  # (micro, seq_len, V)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(ids).logits
+                    loss, ce = distillation_loss(
+                        logits, teacher_logits, ids, self.recipe.distill.weight, self.recipe.distill.temperature
+                    )
+                else:
+                    loss = ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                self.accelerator.backward(loss / self.accumulation)
+            total += ce.detach() / self.accumulation
+        mean = self.accelerator.reduce(total, reduction="mean")
+        if not torch.isfinite(mean):
+            return float(mean)
+        if self.recipe.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(mean)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """Held-out loss and perplexity over the first `eval_windows` windows of the validation split."""
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        sums = torch.zeros(2, device=self.accelerator.device)  # (loss sum, predicted tokens)
+        for index, window in enumerate(self.val_data.windows(self.recipe.seq_len, self.recipe.eval_windows)):
+            if index % world != rank:
+                continue
+            ids = window[None].to(self.accelerator.device)
+            with self.accelerator.autocast():
+                logits = self.model(ids).logits
+            sums[0] += F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+            sums[1] += ids.shape[1] - 1
+        self.model.train()
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        loss = float(sums[0] / sums[1])
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
+
+    # -- checkpoints and export ---------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int, facts: dict) -> None:
+        """Write checkpoints/step-N atomically: a staging folder, renamed once everything is on disk."""
+        folder = self.output_dir / CHECKPOINTS
+        final = folder / f"step-{step:08d}"
+        staging = folder / f".step-{step:08d}.partial"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (staging / "recipe.yaml").write_text(dump_recipe(self.recipe))
+            (staging / STATE_FILE).write_text(json.dumps({"step": step, **facts}, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            for old in complete_checkpoints(self.output_dir)[: -self.recipe.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+
+    def export(self, facts: dict) -> Path:
+        """<output_dir>/final in exactly the `convert` format, with the training facts recorded."""
+        from .card import model_card
+        from .export import saved_tensors, staged_folder, write_model_folder
+
+        out = self.output_dir / "final"
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            conversion = self.model_dir / "conversion.json"
+            records = {"training.json": facts}
+            if conversion.is_file():
+                records["conversion.json"] = json.loads(conversion.read_text())
+            names, tensors = saved_tensors(model)
+            with staged_folder(out, overwrite=True) as folder:
+                write_model_folder(
+                    folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
+                    generation_config=getattr(model, "generation_config", None),
+                    card=model_card(model.config, records.get("conversion.json", {}), training=facts),
+                    records=records,
+                )
+                (folder / "recipe.yaml").write_text(dump_recipe(self.recipe))
+        self.accelerator.wait_for_everyone()
+        return out
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        recipe = self.recipe
+        self.load()
+        start = 0
+        checkpoint = resume_point(recipe)
+        if checkpoint is not None:
+            self.accelerator.load_state(str(checkpoint))
+            start = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        self.accelerator.init_trackers("uptrain", config={k: str(v) for k, v in recipe.to_dict().items()})
+        tokens_per_step = recipe.global_batch_size * recipe.seq_len
+        facts = {"steps": start, "tokens": start * tokens_per_step, "train_loss": None, "eval": None}
+        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="training",
+                   disable=not self.accelerator.is_main_process)
+        self.model.train()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        clock = time.perf_counter()
+        for step in bar:
+            loss = self.train_step(step)
+            if not math.isfinite(loss):
+                last = complete_checkpoints(self.output_dir)
+                kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+                raise UserError(f"training loss became {loss} at step {step + 1}; stopped ({kept})")
+            done = step + 1
+            facts.update(steps=done, tokens=done * tokens_per_step, train_loss=loss)
+            elapsed = time.perf_counter() - clock
+            rate = (done - start) * tokens_per_step / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}", tok_s=f"{rate:,.0f}")
+            logs = {"train/loss": loss, "train/lr": self.schedule.get_last_lr()[0], "train/tokens_per_s": rate}
+            if done % recipe.eval_every == 0 or done == self.total_steps:
+                facts["eval"] = self.evaluate()
+                if facts["eval"]:
+                    logs.update({f"eval/{k}": v for k, v in facts["eval"].items()})
+                    bar.write(f"step {done}: val loss {facts['eval']['val_loss']:.4f}, "
+                              f"perplexity {facts['eval']['val_perplexity']:.2f}")
+            if done % recipe.log_every == 0 or "eval/val_loss" in logs:
+                self.accelerator.log(logs, step=done)
+            if self.accelerator.is_main_process:
+                with open(self.output_dir / LOG_FILE, "a") as log:
+                    log.write(json.dumps({"step": done, **logs}) + "\n")
+            if done % recipe.save_every == 0 or done == self.total_steps:
+                self.save_checkpoint(done, facts)
+        self.accelerator.end_training()
+        facts["final_model"] = str(self.export(facts))
+        return facts
+
+
+def train(recipe: Recipe) -> dict:
+    return Trainer(recipe).run()
