@@ -1,6 +1,5 @@
 """Real weights: 30 uptraining steps lower the held-out loss of the freshly converted SmolLM2-135M."""
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -9,28 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import load_block_model
 
+from uptrain.corpus import write_docstring_corpus
 from uptrain.data import TokenData, prepare
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("json", "argparse", "collections", "pathlib", "textwrap", "logging", "random", "statistics",
-           "datetime", "csv", "functools", "itertools", "subprocess", "unittest", "string", "shutil")
-
-
-def docstring_corpus(path: Path) -> Path:
-    """English prose that ships with Python: the docstrings of some standard-library modules, one a line."""
-    import importlib
-
-    documents = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        for _, member in [(name, module), *inspect.getmembers(module)]:
-            doc = inspect.getdoc(member) if (inspect.ismodule(member) or callable(member)) else None
-            if doc and len(doc) > 200 and doc not in documents:
-                documents.append(doc)
-    path.write_text("\n".join(json.dumps({"text": doc}) for doc in documents) + "\n")
-    return path
-
-
 @torch.no_grad()
 def held_out_loss(folder: Path, data: Path, seq_len: int, windows: int) -> float:
     model = load_block_model(folder)
@@ -45,7 +26,7 @@ def held_out_loss(folder: Path, data: Path, seq_len: int, windows: int) -> float
 def test_thirty_steps_lower_the_held_out_loss(smollm2, run_cli, tmp_path):
     _, folder, _, tokenizer = smollm2
     data = tmp_path / "data"
-    prepare(str(docstring_corpus(tmp_path / "corpus.jsonl")), data, tokenizer, val_fraction=0.1, tokenizer_name=str(folder))
+    prepare(str(write_docstring_corpus(tmp_path / "corpus.jsonl")), data, tokenizer, val_fraction=0.1, tokenizer_name=str(folder))
     out = tmp_path / "run"
     overrides = [f"source={folder}", f"data={data}", f"output_dir={out}", "seq_len=64", "micro_batch_size=2",
                  "global_batch_size=2", "max_steps=30", "eval_every=30", "eval_windows=8", "save_every=30",

@@ -314,13 +314,13 @@ def load_manifest(data_dir: str | Path, split: str | None = None) -> dict:
     return manifest
 
 
-def check_tokenizer(data_dir: str | Path, tokenizer) -> None:
-    """Refuse to train a model on tokens written by a different tokenizer."""
+def check_tokenizer(data_dir: str | Path, tokenizer, model_name: str = "the model") -> None:
+    """Refuse to train a model on tokens written by a different tokenizer; the message names both."""
     recorded = load_manifest(data_dir)["tokenizer"]
     if recorded["sha256"] != tokenizer_fingerprint(tokenizer):
         raise UserError(
             f"{data_dir} was tokenized with another tokenizer ({recorded['name'] or 'unnamed'}, "
-            f"vocab {recorded['vocab_size']}) than the model's (vocab {len(tokenizer)}): "
+            f"vocab {recorded['vocab_size']}) than {model_name}'s (vocab {len(tokenizer)}): "
             "prepare it again with the model's tokenizer"
         )
 

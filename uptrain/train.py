@@ -119,7 +119,7 @@ class Trainer:
     def load(self):
         from transformers import AutoModelForCausalLM
 
-        from .data import TokenData, load_manifest, tokenizer_fingerprint
+        from .data import TokenData, check_tokenizer, load_manifest
         from .sources import load_tokenizer, resolve
 
         recipe = self.recipe
@@ -130,16 +130,16 @@ class Trainer:
         self.tokenizer = load_tokenizer(resolve(str(self.model_dir)), trust_remote_code=True)
         block_length = model.config.block_length
         self.check_block_length(block_length)
-        data_tokenizer = manifest["tokenizer"]
-        if self.tokenizer is None or data_tokenizer["sha256"] != tokenizer_fingerprint(self.tokenizer):
-            raise UserError(
-                f"data {recipe.data} was tokenized with {data_tokenizer.get('name') or 'another tokenizer'} "
-                f"(sha256 {data_tokenizer['sha256'][:12]}), which differs from the tokenizer of model "
-                f"{self.model_dir}; prepare the data with --tokenizer {recipe.source}"
-            )
+        if self.tokenizer is None:
+            raise UserError(f"{self.model_dir} has no tokenizer")
+        check_tokenizer(recipe.data, self.tokenizer, model_name=str(self.model_dir))
         self.train_data = TokenData(recipe.data, "train")
         self.val_data = TokenData(recipe.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None
         self.block_offset = block_length if recipe.block_offset else 0
+        if self.train_data.num_sequences(recipe.seq_len, self.block_offset) < 1:
+            raise UserError(f"the training split of {recipe.data} has fewer tokens than one sequence of {recipe.seq_len}")
+        if self.val_data is not None and len(self.val_data) < recipe.seq_len:
+            self.val_data = None  # too little held-out text for one window: evaluation is skipped
 
         optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -286,7 +286,9 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter()
         for step in bar:
+            step_started = time.perf_counter()
             loss = self.train_step(step)
+            step_seconds = time.perf_counter() - step_started
             if not math.isfinite(loss):
                 last = complete_checkpoints(self.output_dir)
                 kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
@@ -296,7 +298,8 @@ class Trainer:
             elapsed = time.perf_counter() - clock
             rate = (done - start) * tokens_per_step / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}", tok_s=f"{rate:,.0f}")
-            logs = {"train/loss": loss, "train/lr": self.schedule.get_last_lr()[0], "train/tokens_per_s": rate}
+            logs = {"train/loss": loss, "train/lr": self.schedule.get_last_lr()[0], "train/tokens_per_s": rate,
+                    "train/step_seconds": step_seconds}
             if done % recipe.eval_every == 0 or done == self.total_steps:
                 facts["eval"] = self.evaluate()
                 if facts["eval"]:
