@@ -1,4 +1,4 @@
-"""The `uptrain` command line: convert, generate, data prepare, train (eval, bench and push as they land)."""
+"""The `uptrain` command line: convert, generate, data prepare, train, eval (bench and push as they land)."""
 
 import functools
 import sys
@@ -100,6 +100,54 @@ def generate(
         if stream:
             continue  # already printed by the streamer
         typer.echo(f"### {prompt}\n{continuation}\n")
+
+
+@app.command("eval")
+@reports_user_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="A converted folder, or any source convert accepts.")],
+    data: Annotated[list[str], typer.Option("--data", help="Text (.txt paragraphs) or .jsonl files, or folders; repeatable.")],
+    baseline: Annotated[str | None, typer.Option(help="A model to score on the same windows, e.g. the source.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,
+    max_windows: Annotated[int | None, typer.Option(help="Score at most this many windows.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows scored together.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
+):
+    """Loss, perplexity and bits per byte of MODEL (and --baseline) over the same token windows."""
+    import json
+
+    from uptrain.data import tokenizer_fingerprint
+    from uptrain.evaluate import format_table, read_documents, score, text_windows
+    from uptrain.inference import load_for_inference
+
+    documents = read_documents(data)
+    loaded, tokenizer = load_for_inference(model, device, dtype)
+    windows = text_windows(tokenizer, documents, seq_len, max_windows)
+    results = {"model": score(loaded, tokenizer, windows, batch_size, label=model)}
+    if baseline is not None:
+        other, other_tokenizer = load_for_inference(baseline, device, dtype)
+        if tokenizer_fingerprint(other_tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise UserError(f"{baseline} has another tokenizer than {model}: their losses are not comparable")
+        results["baseline"] = score(other, other_tokenizer, windows, batch_size, label=baseline)
+    typer.echo(format_table({model if key == "model" else baseline: value for key, value in results.items()}))
+    if output is not None:
+        settings = {"model": model, "baseline": baseline, "data": data, "seq_len": seq_len, "windows": len(windows)}
+        output.write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
+
+
+@app.command()
+@reports_user_errors
+def quickstart(
+    out: Annotated[Path, typer.Argument(help="Folder for the corpus, data, run and summary.")] = Path("out/quickstart"),
+    steps: Annotated[int | None, typer.Option(help="Uptraining steps (default: the tiny-cpu recipe's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists and is not empty.")] = False,
+):
+    """The whole job on the default model, offline: convert, uptrain, evaluate, sample, summarise."""
+    from uptrain.quickstart import quickstart as run_quickstart
+
+    run_quickstart(out, overwrite=overwrite, steps=steps)
 
 
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)

