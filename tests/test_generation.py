@@ -143,3 +143,16 @@ def test_finished_rows_leave_the_batch(model_of):
         end = int(hits[0]) + 1 if len(hits) else free.shape[1]
         assert torch.equal(stopped[row, :end], free[row, :end]) and (stopped[row, end:] == 0).all()
     assert seen_batches[0] == 3 and min(seen_batches) < 3
+
+
+def test_generation_config_and_unknown_arguments(model_of):
+    from transformers import GenerationConfig
+
+    model = model_of("gemma")
+    prompt = torch.randint(4, 128, (2, 6))
+    settings = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    by_config = model.generate(prompt, generation_config=settings)
+    assert by_config.shape == (2, 11)
+    assert torch.equal(by_config, model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None))
+    with pytest.raises(TypeError, match="max_new_tokenz"):
+        model.generate(prompt, max_new_tokenz=3)
