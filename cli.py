@@ -106,7 +106,7 @@ def generate(
 @reports_user_errors
 def evaluate(
     model: Annotated[str, typer.Argument(help="A converted folder, or any source convert accepts.")],
-    data: Annotated[list[str], typer.Option("--data", help="Text (.txt paragraphs) or .jsonl files, or folders; repeatable.")],
+    data: Annotated[list[str], typer.Option("--data", help="Corpus files, folders or globs (.txt, .jsonl, .json, .parquet), read as data prepare reads them; repeatable.")],
     baseline: Annotated[str | None, typer.Option(help="A model to score on the same windows, e.g. the source.")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .export import staged_folder
 
 FORMAT = "block-uptrain-tokens/1"
@@ -177,8 +177,14 @@ class _ShardWriter:
         return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents}
 
 
-def _source_files(source: str, out: Path) -> list[Path] | None:
-    """The local files `source` names, in a fixed order; None when it is a hub dataset id."""
+def read_documents(source: str, text_field: str = "text") -> Iterator[str]:
+    """The non-blank documents of a corpus (files, folder, glob or hub id), read exactly as `prepare` reads them."""
+    return _documents(source, _source_files(source), text_field, None, "train")
+
+
+def _source_files(source: str, out: Path | None = None) -> list[Path] | None:
+    """The local files `source` names, in a fixed order; None when it is a hub dataset id. Files inside
+    `out` (an earlier output written into the corpus folder) are skipped."""
     if any(char in source for char in GLOB_CHARS):
         matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
         files = [Path(m) for m in matches if Path(m).is_file() and Path(m).suffix.lower() in KINDS]
@@ -191,12 +197,12 @@ def _source_files(source: str, out: Path) -> list[Path] | None:
             raise UserError(f"source {source} is not a {FILE_TYPES} file")
         return [path]
     if path.is_dir():
-        out = out.resolve()
+        out = out.resolve() if out is not None else None
         files = sorted(
             p for p in path.rglob("*")
             if p.suffix.lower() in KINDS and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(path).parts)  # hidden, or our staging
-            and out not in p.resolve().parents  # an earlier output inside the corpus folder
+            and (out is None or out not in p.resolve().parents)  # an earlier output inside the corpus folder
         )
         if not files:
             raise UserError(f"folder {source} has no {FILE_TYPES} files")
@@ -259,22 +265,17 @@ def _dataset_texts(what: str, text_field: str, *args, **kwargs) -> Iterator:
     try:
         batches = iter(datasets.load_dataset(*args, **kwargs, streaming=True).iter(batch_size=TOKENIZE_BATCH))
     except Exception as error:  # unknown id or split, unreachable hub, malformed file, ...
-        raise UserError(f"cannot read {what}: {_first_line(error)}") from None
+        raise UserError(f"cannot read {what}: {first_line(error)}") from None
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
         except Exception as error:
-            raise UserError(f"cannot read {what}: {_first_line(error)}") from None
+            raise UserError(f"cannot read {what}: {first_line(error)}") from None
         if text_field not in batch:
             raise UserError(f"rows of {what} have no field '{text_field}'; their fields are: {', '.join(batch)}")
         yield from batch[text_field]
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def load_manifest(data_dir: str | Path, split: str | None = None) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON: {_first_line(error)}") from None
+        raise UserError(f"{path} is not valid JSON: {first_line(error)}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} manifest: prepare the data again with `uptrain data prepare`")
     if split is None:

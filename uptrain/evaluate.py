@@ -33,26 +33,14 @@ def text_windows(tokenizer, documents: list[str], seq_len: int, max_windows: int
 
 
 def read_documents(paths: list[str]) -> list[str]:
-    """Documents from .txt files (paragraphs) or .jsonl files ("text" field), or folders of them."""
-    import json
+    """Documents of each path (files, folders or globs), read as `uptrain data prepare` reads a corpus."""
+    from .data import read_documents as corpus_documents
 
-    files: list[Path] = []
-    for spec in paths:
-        path = Path(spec)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"evaluation data not found: {spec}")
-    if not files:
-        raise UserError(f"no .txt or .jsonl files in {', '.join(paths)}")
     documents = []
-    for file in files:
-        if file.suffix == ".jsonl":
-            documents += [json.loads(line)["text"] for line in file.read_text().splitlines() if line.strip()]
-        else:
-            documents += [p.strip() for p in file.read_text().split("\n\n") if p.strip()]
+    for spec in paths:
+        if not any(char in spec for char in "*?[") and not Path(spec).exists():
+            raise UserError(f"evaluation data not found: {spec}")
+        documents += list(corpus_documents(spec))
     return documents
 
 

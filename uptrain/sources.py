@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -62,11 +62,6 @@ def require_gguf(source: Source) -> None:
         raise UserError("reading GGUF files needs the gguf package: pip install 'block-uptrain[gguf]'") from None
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def load_config(source: Source):
     from transformers import AutoConfig
 
@@ -74,7 +69,7 @@ def load_config(source: Source):
     try:
         return AutoConfig.from_pretrained(source.location, **source.kwargs)
     except Exception as error:  # any failure to read the source is the user's to fix
-        raise UserError(f"cannot read the config of {source.spec}: {_first_line(error)}") from None
+        raise UserError(f"cannot read the config of {source.spec}: {first_line(error)}") from None
 
 
 def load_model(source: Source, dtype: str = "auto"):
@@ -88,7 +83,7 @@ def load_model(source: Source, dtype: str = "auto"):
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs)
     except Exception as error:  # corrupt or truncated weights, unreachable hub, ...
-        raise UserError(f"cannot load the weights of {source.spec}: {_first_line(error)}") from None
+        raise UserError(f"cannot load the weights of {source.spec}: {first_line(error)}") from None
     if source.gguf_file:  # the weights are dequantized: from here on it is a plain float model
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
