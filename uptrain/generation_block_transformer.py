@@ -14,6 +14,7 @@ data-dependent control flow inside a block, so that caches can be preallocated l
 """
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -29,7 +30,12 @@ from transformers.generation.logits_process import (
 
 def _cache_argument(module) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; use whichever the decoder takes."""
-    parameters = inspect.signature(module.forward).parameters
+    return _cache_argument_of(type(module))
+
+
+@functools.lru_cache
+def _cache_argument_of(module_class) -> str:
+    parameters = inspect.signature(module_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 

@@ -10,13 +10,12 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from .corpus import write_docstring_corpus
 from .data import TokenData, prepare
 from .default_model import default_model_path
 from .evaluate import format_table, score
 from .export import check_target
+from .inference import load_for_inference
 from .recipe import load_recipe
 from .sources import load_model, load_tokenizer, resolve
 from .train import train
@@ -48,8 +47,8 @@ def quickstart(out: Path, overwrite: bool = False, steps: int | None = None) -> 
     windows = list(TokenData(data, "val").windows(recipe.seq_len, recipe.eval_windows))
     models = {
         "source (vanilla)": load_model(source_ref).eval(),
-        "converted, before uptraining": _block_model(out / "run" / "converted"),
-        f"uptrained ({facts['steps']} steps)": _block_model(out / "run" / "final"),
+        "converted, before uptraining": load_for_inference(str(out / "run" / "converted"), dtype="float32")[0],
+        f"uptrained ({facts['steps']} steps)": load_for_inference(str(out / "run" / "final"), dtype="float32")[0],
     }
     results, samples = {}, {}
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -64,12 +63,6 @@ def quickstart(out: Path, overwrite: bool = False, steps: int | None = None) -> 
     (out / "summary.md").write_text(text)
     print("\n" + text)
     return summary
-
-
-def _block_model(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
 
 
 def _summary_text(results: dict, samples: dict, summary: dict) -> str:
