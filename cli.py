@@ -1,4 +1,4 @@
-"""The `uptrain` command line: convert, generate, data prepare, train, eval (bench and push as they land)."""
+"""The `uptrain` command line: convert, generate, data prepare, train, eval, quickstart, push, bench."""
 
 import functools
 import sys
@@ -115,12 +115,15 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
 ):
-    """Loss, perplexity and bits per byte of MODEL (and --baseline) over the same token windows."""
+    """Loss, perplexity and bits per byte of MODEL (and --baseline) over the same token windows.
+
+    For a converted folder the results are also saved in it (eval_results.json), for its model card.
+    """
     import json
 
     from uptrain.data import tokenizer_fingerprint
     from uptrain.evaluate import format_table, read_documents, score, text_windows
-    from uptrain.inference import load_for_inference
+    from uptrain.inference import is_block_transformer, load_for_inference
 
     documents = read_documents(data)
     loaded, tokenizer = load_for_inference(model, device, dtype)
@@ -132,9 +135,13 @@ def evaluate(
             raise UserError(f"{baseline} has another tokenizer than {model}: their losses are not comparable")
         results["baseline"] = score(other, other_tokenizer, windows, batch_size, label=baseline)
     typer.echo(format_table({model if key == "model" else baseline: value for key, value in results.items()}))
+    settings = {"model": model, "baseline": baseline, "data": data, "seq_len": seq_len, "windows": len(windows),
+                "labels": {"model": "this model", "baseline": f"baseline: {baseline}"}}
+    report = json.dumps({**results, "settings": settings}, indent=2) + "\n"
     if output is not None:
-        settings = {"model": model, "baseline": baseline, "data": data, "seq_len": seq_len, "windows": len(windows)}
-        output.write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
+        output.write_text(report)
+    if is_block_transformer(model):  # the card (`uptrain push`) shows the latest results
+        (Path(model) / "eval_results.json").write_text(report)
 
 
 @app.command()
@@ -148,6 +155,39 @@ def quickstart(
     from uptrain.quickstart import quickstart as run_quickstart
 
     run_quickstart(out, overwrite=overwrite, steps=steps)
+
+
+@app.command()
+@reports_user_errors
+def push(
+    model: Annotated[Path, typer.Argument(help="A converted or uptrained folder (or a quickstart output folder).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, e.g. your-name/smollm2-135m-block4 (a bare name goes under your user).")],
+    private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
+    token: Annotated[str | None, typer.Option(help="Hub token with write access (default: HF_TOKEN or your stored login).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch to commit to (created when missing; default main).")] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Write the model card and list the files; upload nothing.")] = False,
+):
+    """Publish a model folder to the Hugging Face Hub with its model card (README.md).
+
+    The card is rebuilt from the folder's records (conversion, training, eval results); a README.md
+    that block-uptrain did not write is uploaded as it is.
+    """
+    from uptrain.publish import full_repo_id, model_folder, prepare
+    from uptrain.publish import push as run_push
+
+    folder = model_folder(model)  # before asking the Hub anything
+    plan = prepare(folder, repo_id if dry_run else full_repo_id(repo_id, token))
+    card = "wrote the model card" if plan.card_written else "kept the existing README.md (not written by block-uptrain)"
+    total = sum(size for _, size in plan.files)
+    typer.echo(f"{plan.folder}: {card}; {len(plan.files)} files, {total / 2**20:.1f} MiB")
+    if dry_run:
+        for name, size in plan.files:
+            typer.echo(f"  {name}  ({size:,} bytes)")
+        typer.echo(f"dry run: nothing uploaded to {repo_id}")
+        return
+    url = run_push(plan, token=token, private=private, revision=revision, commit_message=commit_message)
+    typer.echo(f"pushed {len(plan.files)} files to {repo_id}: {url}")
 
 
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)

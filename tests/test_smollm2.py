@@ -35,6 +35,10 @@ def test_convert_default_gguf_and_reload(smollm2, converted_b4):
     assert config["block_decoder"]["num_hidden_layers"] == 15 and config["token_decoder"]["num_hidden_layers"] == 15
     record = json.loads((out / "conversion.json").read_text())
     assert list(record["source_fingerprint"]["sha256"]) == [gguf.name]
+    # the card carries the GGUF's license and names the hub model the GGUF quantizes
+    assert record["license"] == "apache-2.0" and record["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (out / "README.md").read_text()
+    assert "\nlicense: apache-2.0\n" in card and "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card
 
     reloaded = AutoTokenizer.from_pretrained(out)
     ids = tokenizer(SAMPLE, return_tensors="pt").input_ids

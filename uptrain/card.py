@@ -1,73 +1,142 @@
-"""The model card (README.md) written next to every saved model."""
+"""The model card (README.md) of a saved model: YAML metadata for the Hub, then what the model is, how it
+was made, trained and evaluated, and how to load it. Built from the records in the folder, so that
+`uptrain push` can rebuild it after `uptrain eval` added results."""
 
 import json
+from pathlib import Path
+
+import yaml
+
+# The first line of every card we write; a README.md without it was written by someone else and is kept.
+MARKER = "<!-- model card written by block-uptrain; `uptrain push` rewrites it from the records beside it -->"
+RECORD_FILES = {"conversion": "conversion.json", "training": "training.json", "evaluation": "eval_results.json"}
 
 
-def _front_matter(fields: dict) -> str:
-    lines = ["---"]
-    for key, value in fields.items():
-        if isinstance(value, list):
-            lines.append(f"{key}:")
-            lines.extend(f"- {json.dumps(item)}" for item in value)
-        else:
-            lines.append(f"{key}: {json.dumps(value)}")
-    return "\n".join(lines + ["---", ""])
+def read_records(folder: Path) -> dict:
+    """{"conversion": ..., "training": ..., "evaluation": ...} from the JSON records present in `folder`."""
+    records = {}
+    for key, name in RECORD_FILES.items():
+        path = Path(folder) / name
+        if path.is_file():
+            records[key] = json.loads(path.read_text())
+    return records
+
+
+def card_for_folder(folder: Path, repo_id: str | None = None) -> str:
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return model_card(config, **read_records(folder), repo_id=repo_id)
+
+
+def is_our_card(text: str) -> bool:
+    return MARKER in text
+
+
+def model_card(
+    config: dict,
+    conversion: dict | None = None,
+    training: dict | None = None,
+    evaluation: dict | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """The card for a Block Transformer with config `config` (a dict) and the given records."""
+    conversion = conversion or {}
+    model_type = config["token_decoder"]["model_type"]
+    metadata = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+    if conversion.get("base_model"):
+        metadata["base_model"] = conversion["base_model"]
+    if conversion.get("license"):
+        metadata["license"] = conversion["license"]
+    metadata["tags"] = ["block-transformer", "block-uptrain", model_type, "custom_code"]
+    front = "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n"
+    sections = [
+        _about(config, conversion),
+        _conversion_table(config, conversion),
+        _training_section(training),
+        _evaluation_section(evaluation),
+        _usage(repo_id or "PATH_OR_REPO_ID"),
+    ]
+    return front + MARKER + "\n" + "\n".join(section for section in sections if section)
+
+
+def _about(config: dict, conversion: dict) -> str:
+    source = conversion.get("base_model") or conversion.get("source", "an unknown source")
+    version = conversion.get("toolkit", {}).get("block-uptrain", "")
+    return f"""
+# Block Transformer from `{source}`
+
+A [Block Transformer](https://arxiv.org/abs/2406.02657) (Ho et al., NeurIPS 2024) made by
+[block-uptrain](https://pypi.org/project/block-uptrain/) {version}. The lower layers of the source
+model became a *block decoder* that attends over blocks of {config['block_length']} tokens; the upper
+layers became a *token decoder* that sees only the current block and {config['prefix_length']} prefix
+vectors expanded from the block decoder's context. Its KV cache is about {config['block_length']}x
+smaller and mostly local, which is what makes generation fast.
+"""
+
+
+def _conversion_table(config: dict, conversion: dict) -> str:
+    layers = config.get("source_layers", {})
+    options = conversion.get("options", {})
+    rows = [
+        ("source", f"`{conversion.get('source', 'unknown')}`"),
+        ("source architecture", f"`{config['token_decoder']['model_type']}`"),
+        ("block length", config["block_length"]),
+        ("prefix vectors", config["prefix_length"]),
+        ("layer method", options.get("method", "unknown")),
+        ("block decoder layers (source indices)", layers.get("block_decoder")),
+        ("token decoder layers (source indices)", layers.get("token_decoder")),
+        ("converted", conversion.get("created", "unknown")),
+    ]
+    return "## Conversion\n\n" + _table(rows)
 
 
 def _training_section(training: dict | None) -> str:
     if not training:
-        return ""
-    lines = ["", "## Training", "", "| | |", "|---|---|"]
-    lines.append(f"| optimizer steps | {training.get('steps')} |")
-    lines.append(f"| tokens seen | {training.get('tokens'):,} |")
+        return "## Training\n\nNot uptrained yet: a freshly converted model loses quality until `uptrain train` runs.\n"
+    rows = [("optimizer steps", training.get("steps")), ("tokens seen", f"{training.get('tokens', 0):,}")]
     if training.get("train_loss") is not None:
-        lines.append(f"| last training loss | {training['train_loss']:.4f} |")
-    evaluation = training.get("eval") or {}
-    if evaluation:
-        lines.append(f"| held-out loss | {evaluation['val_loss']:.4f} |")
-        lines.append(f"| held-out perplexity | {evaluation['val_perplexity']:.2f} |")
+        rows.append(("last training loss", f"{training['train_loss']:.4f}"))
+    held_out = training.get("eval") or {}
+    if held_out:
+        rows.append(("held-out loss", f"{held_out['val_loss']:.4f}"))
+        rows.append(("held-out perplexity", f"{held_out['val_perplexity']:.2f}"))
+    return "## Training\n\n" + _table(rows)
+
+
+def _evaluation_section(evaluation: dict | None) -> str:
+    if not evaluation:
+        return ""
+    settings = evaluation.get("settings", {})
+    lines = ["## Evaluation", ""]
+    if settings:
+        data = settings.get("data")
+        data = ", ".join(map(str, data)) if isinstance(data, list) else data
+        lines += [f"`uptrain eval` on {data}: {settings.get('windows')} windows of "
+                  f"{settings.get('seq_len')} tokens, the same tokens for every row.", ""]
+    lines += ["| | loss | perplexity | bits/byte |", "|---|---|---|---|"]
+    labels = settings.get("labels", {})
+    for key, result in evaluation.items():
+        if isinstance(result, dict) and "loss" in result:
+            name = labels.get(key, "this model" if key == "model" else key)
+            lines.append(f"| {name} | {result['loss']:.4f} | {result['perplexity']:.2f} | {result['bits_per_byte']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
-def model_card(config, record: dict, training: dict | None = None) -> str:
-    """A card stating what the model is, how it was made (and trained) and how to load it."""
-    fingerprint = record.get("source_fingerprint", {})
-    fields = {"library_name": "transformers", "pipeline_tag": "text-generation"}
-    if "hub_id" in fingerprint:
-        fields["base_model"] = fingerprint["hub_id"]
-    fields["tags"] = ["block-transformer", "block-uptrain", config.token_decoder.model_type]
-    layers = config.source_layers
-    options = record.get("options", {})
-    body = f"""
-# Block Transformer converted from `{record.get('source', 'unknown')}`
-
-A [Block Transformer](https://arxiv.org/abs/2406.02657) (Ho et al., NeurIPS 2024) made by
-[block-uptrain](https://pypi.org/project/block-uptrain/) {record.get('toolkit', {}).get('block-uptrain', '')}.
-The lower layers of the source model became a *block decoder* that attends over blocks of
-{config.block_length} tokens; the upper layers became a *token decoder* that only sees the current block
-and {config.prefix_length} prefix vectors expanded from the block decoder's context. Its KV cache is about
-{config.block_length}x smaller and mostly local, which is what makes generation fast.
-
-| | |
-|---|---|
-| source architecture | `{config.token_decoder.model_type}` |
-| block length | {config.block_length} |
-| prefix vectors | {config.prefix_length} |
-| layer method | {options.get('method', 'unknown')} |
-| block decoder layers (source indices) | {layers.get('block_decoder')} |
-| token decoder layers (source indices) | {layers.get('token_decoder')} |
-
-A freshly converted model loses quality until it is uptrained (`uptrain train`).
-
-## Usage
+def _usage(repo: str) -> str:
+    return f"""## Usage
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
 inputs = tokenizer("The capital of France is", return_tensors="pt")
-print(model(**inputs).logits.shape)
+output = model.generate(**inputs, max_new_tokens=32)
+print(tokenizer.decode(output[0], skip_special_tokens=True))
 ```
+
+The model code ships in this repository (`trust_remote_code=True`); block-uptrain need not be installed.
 """
-    return _front_matter(fields) + body + _training_section(training)
+
+
+def _table(rows: list[tuple]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]) + "\n"

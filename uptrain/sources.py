@@ -116,6 +116,46 @@ def fingerprint(source: Source) -> dict:
     return {"path": str(folder.resolve()), "sha256": {name: _sha256(folder / name) for name in names}}
 
 
+def card_metadata(source: Source) -> dict:
+    """What the Hub card of a conversion should carry over from its source: `base_model` (a hub id,
+    when known) and `license` (when the source states one). Best effort: missing facts are left out."""
+    from .default_model import DEFAULT_HUB_ID, is_default_gguf
+
+    found = {}
+    if not source.is_local:
+        found["base_model"] = source.location
+    elif source.gguf_file and is_default_gguf(Path(source.location) / source.gguf_file):
+        found["base_model"] = DEFAULT_HUB_ID
+    try:
+        if source.gguf_file and source.is_local:
+            found["license"] = _gguf_license(Path(source.location) / source.gguf_file)
+        elif source.is_local:
+            found["license"] = _front_matter(Path(source.location) / "README.md").get("license")
+        else:
+            from huggingface_hub import ModelCard
+
+            found["license"] = ModelCard.load(source.location).data.license
+    except Exception:  # no card, unreadable metadata, hub unreachable: the card simply has no license
+        pass
+    return {key: value for key, value in found.items() if value}
+
+
+def _gguf_license(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.license")
+    return field.contents() if field is not None else None
+
+
+def _front_matter(readme: Path) -> dict:
+    import yaml
+
+    text = readme.read_text() if readme.is_file() else ""
+    if not text.startswith("---"):
+        return {}
+    return yaml.safe_load(text.split("---", 2)[1]) or {}
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

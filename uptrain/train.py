@@ -263,7 +263,7 @@ class Trainer:
                 write_model_folder(
                     folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
                     generation_config=getattr(model, "generation_config", None),
-                    card=model_card(model.config, records.get("conversion.json", {}), training=facts),
+                    card=model_card(model.config.to_dict(), records.get("conversion.json"), training=facts),
                     records=records,
                 )
                 (folder / "recipe.yaml").write_text(dump_recipe(self.recipe))

@@ -1,0 +1,108 @@
+"""`uptrain push` end to end: the real huggingface_hub client against a hub-compatible server on 127.0.0.1."""
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from hub_server import HubServer
+
+SAMPLE = Path(__file__).parent / "data" / "sample.txt"
+TOKEN = "hf_test_secret_token_1234"
+
+
+@pytest.fixture
+def model_with_license(tiny_source, run_cli, tmp_path):
+    """A converted tiny Llama whose source declares a license, evaluated once (eval_results.json)."""
+    source, _ = tiny_source("llama")
+    licensed = tmp_path / "source"
+    shutil.copytree(source, licensed)
+    (licensed / "README.md").write_text("---\nlicense: mit\n---\n# a tiny test model\n")
+    model = tmp_path / "model"
+    assert run_cli("convert", licensed, model).exit_code == 0
+    result = run_cli("eval", model, "--data", SAMPLE, "--baseline", licensed, "--seq-len", 64, "--max-windows", 4)
+    assert result.exit_code == 0, result.output
+    return model
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with HubServer(TOKEN) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+@pytest.mark.parametrize("upload", ["xet-pipeline", "single-commit"])
+def test_push_uploads_every_file_and_the_card(model_with_license, hub, run_cli, monkeypatch, upload):
+    # huggingface_hub uploads through hf_xet's streamed pipeline when hf_xet is installed, else in one
+    # commit; users get either, so both client paths are exercised.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", upload == "single-commit")
+    result = run_cli("push", model_with_license, "someone/tiny-block", "--token", TOKEN)
+    assert result.exit_code == 0, result.output
+    assert TOKEN not in result.output
+
+    received = hub.files("someone/tiny-block")
+    on_disk = {str(p.relative_to(model_with_license)): p.read_bytes() for p in model_with_license.rglob("*") if p.is_file()}
+    assert received == on_disk  # every file, byte for byte, the card included
+    assert {"model.safetensors", "config.json", "modeling_block_transformer.py", "README.md"} <= set(received)
+
+    card = received["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["license"] == "mit" and metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "text-generation" and "block-transformer" in metadata["tags"]
+    assert 'from_pretrained("someone/tiny-block", trust_remote_code=True)' in card
+    assert "## Evaluation" in card and "baseline:" in card and "| block length | 4 |" in card
+
+
+def test_push_to_a_branch_of_an_existing_repo(model_with_license, hub, run_cli):
+    assert run_cli("push", model_with_license, "someone/tiny-block", "--token", TOKEN).exit_code == 0
+    result = run_cli("push", model_with_license, "someone/tiny-block", "--token", TOKEN, "--revision", "dev",
+                     "--private", "--commit-message", "second")
+    assert result.exit_code == 0, result.output
+    assert hub.files("someone/tiny-block", "dev") == hub.files("someone/tiny-block")
+
+
+def test_token_from_environment_and_a_kept_readme(model_with_license, hub, run_cli, monkeypatch):
+    (model_with_license / "README.md").write_text("# my own card\n")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    result = run_cli("push", model_with_license, "tiny-block")
+    assert result.exit_code == 0, result.output
+    assert "kept the existing README.md" in result.output
+    assert hub.files("someone/tiny-block")["README.md"] == b"# my own card\n"  # a bare name goes under the user
+
+
+def test_dry_run_writes_the_card_and_uploads_nothing(model_with_license, hub, run_cli):
+    (model_with_license / "README.md").unlink()
+    result = run_cli("push", model_with_license, "someone/tiny-block", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors" in result.output and "nothing uploaded" in result.output
+    assert (model_with_license / "README.md").read_text().startswith("---\n")
+    assert hub.requests == []
+
+
+def test_push_errors_are_one_line_and_never_show_the_token(model_with_license, hub, run_cli, monkeypatch, tmp_path):
+    result = run_cli("push", model_with_license, "someone/tiny-block", "--token", "hf_wrong_token_987")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "error: the Hub refused someone/tiny-block (HTTP 401): check --token or HF_TOKEN and your write access"
+    )
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    result = run_cli("push", model_with_license, "someone/tiny-block", "--token", TOKEN)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: cannot reach the Hub at http://127.0.0.1:{closed}")
+    assert TOKEN not in result.output
+
+    result = run_cli("push", tmp_path / "nowhere", "someone/x")
+    assert result.exit_code == 1 and "model folder not found" in result.stderr
+    result = run_cli("push", SAMPLE.parent, "someone/x")
+    assert result.exit_code == 1 and "is not a Block Transformer folder" in result.stderr
+    result = run_cli("push", model_with_license, "some one/bad id")
+    assert result.exit_code == 1 and "invalid repository id" in result.stderr
