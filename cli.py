@@ -190,6 +190,45 @@ def push(
     typer.echo(f"pushed {len(plan.files)} files to {repo_id}: {url}")
 
 
+@app.command()
+@reports_user_errors
+def bench(
+    model: Annotated[str, typer.Argument(help="A converted folder, or any source convert accepts.")],
+    baseline: Annotated[str | None, typer.Option(help="A model to measure the same way, e.g. the source.")] = None,
+    scenario: Annotated[str, typer.Option(help="prefill-heavy (2048 -> 128 tokens), decode-heavy (128 -> 2048) or custom.")] = "decode-heavy",
+    prompt_len: Annotated[int | None, typer.Option(help="Prompt tokens (required for custom; overrides the scenario's).")] = None,
+    gen_len: Annotated[int | None, typer.Option(help="Generated tokens a row (required for custom; overrides the scenario's).")] = None,
+    batch_size: Annotated[str, typer.Option(help="A number, a list like 1,16,256, or auto: grow until memory runs short.")] = "auto",
+    random_init: Annotated[bool, typer.Option(help="Build the models from their configs (throughput does not depend on the weights).")] = False,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before timing each batch size.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs per batch size; the median is reported.")] = 3,
+    max_batch_size: Annotated[int, typer.Option(help="Upper limit of the auto search.")] = 65536,
+    device: Annotated[str, typer.Option(help="cuda, cuda:1, cpu, ...")] = "cuda",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
+    output: Annotated[Path | None, typer.Option(help="JSON report path; the plot goes beside it as .png (default: bench-SCENARIO.json).")] = None,
+):
+    """Generation throughput (tokens/s), time per token and peak memory of MODEL and --baseline.
+
+    Random prompts, exactly --gen-len new tokens a row, greedy; warm-up, then the median of --repeats runs,
+    timed with CUDA events on a GPU.
+    """
+    from uptrain.bench import BenchSettings, format_table, parse_batch_sizes, write_report
+    from uptrain.bench import bench as run_bench
+
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    settings = BenchSettings(
+        scenario=scenario, prompt_len=prompt_len, gen_len=gen_len, batch_sizes=parse_batch_sizes(batch_size),
+        warmup=warmup, repeats=repeats, device=device, dtype=dtype, random_init=random_init,
+        max_batch_size=max_batch_size,
+    )
+    output = output or Path(f"bench-{scenario}.json")
+    report = run_bench(model, baseline, settings, on_result=lambda partial: write_report(partial, output, plot=False))
+    figure = write_report(report, output)
+    typer.echo(format_table(report))
+    typer.echo(f"wrote {output}" + (f" and {figure}" if figure else " (install matplotlib for the plot)"))
+
+
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

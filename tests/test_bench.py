@@ -1,0 +1,84 @@
+"""`uptrain bench`: the report is consistent with its own timings, auto batch search stops before memory
+runs short, and out-of-memory ends a search instead of the run. (The figures themselves live in docs/.)"""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from uptrain.bench import BenchSettings, _largest_fitting, sweep
+
+GIB = 2**30
+
+
+def test_bench_cli_reports_both_models_and_writes_json_and_plot(converted, tiny_source, run_cli, tmp_path):
+    model, (source, _) = converted("llama"), tiny_source("llama")
+    report_path = tmp_path / "bench.json"
+    result = run_cli("bench", model, "--baseline", source, "--device", "cpu", "--scenario", "custom",
+                     "--prompt-len", 9, "--gen-len", 11, "--batch-size", "1,3", "--repeats", 3, "--output", report_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["settings"]["prompt_len"] == 9 and report["settings"]["gen_len"] == 11
+    for key in ("model", "baseline"):
+        results = report[key]["results"]
+        assert [r["batch_size"] for r in results] == [1, 3]
+        for r in results:
+            assert len(r["all_seconds"]) == 3 and r["seconds"] == statistics.median(r["all_seconds"])
+            assert r["tokens_per_second"] == pytest.approx(r["batch_size"] * 11 / r["seconds"])
+            assert r["ms_per_token"] == pytest.approx(1000 * r["seconds"] / 11)
+            assert r["peak_memory_bytes"] > 0
+    ratio = report["speedup"]["at_same_batch_size"]
+    assert ratio["1"] == pytest.approx(report["model"]["results"][0]["tokens_per_second"]
+                                       / report["baseline"]["results"][0]["tokens_per_second"])
+    assert "speed-up at equal batch size" in result.stdout
+
+
+def test_random_init_and_auto_search_up_to_the_limit(converted, run_cli, tmp_path):
+    report_path = tmp_path / "auto.json"
+    result = run_cli("bench", converted("qwen2"), "--random-init", "--device", "cpu", "--scenario", "custom",
+                     "--prompt-len", 5, "--gen-len", 6, "--max-batch-size", 8, "--repeats", 1, "--output", report_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert [r["batch_size"] for r in report["model"]["results"]] == [1, 4, 8]  # x4, then the largest that fits
+    assert "baseline" not in report
+
+
+def test_auto_search_predicts_memory_from_the_last_batch():
+    # 1 GiB resident, 2 GiB peak at batch 4: a quarter GiB a row
+    result = {"peak_memory_bytes": 2 * GIB}
+    assert _largest_fitting(result, 4, 4, budget=10 * GIB, resident=GIB, max_size=10**6) == 16
+    assert _largest_fitting(result, 4, 4, budget=4 * GIB, resident=GIB, max_size=10**6) == 8  # 12 rows fit
+    assert _largest_fitting(result, 4, 4, budget=2.1 * GIB, resident=GIB, max_size=10**6) is None
+    assert _largest_fitting(result, 4, 4, budget=10 * GIB, resident=GIB, max_size=8) == 8
+
+
+def test_out_of_memory_ends_the_search_and_is_recorded(converted):
+    from conftest import load_block_model
+
+    model = load_block_model(converted("llama"))
+    real_generate = model.generate
+
+    def generate(input_ids, **kwargs):  # stands in for a GPU that holds 3 rows
+        if input_ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_generate(input_ids, **kwargs)
+
+    model.generate = generate
+    settings = BenchSettings(scenario="custom", prompt_len=4, gen_len=4, batch_sizes=None, repeats=1, device="cpu",
+                             dtype="float32")
+    results = []
+    sweep(model, settings, "model", results)
+    assert [r["batch_size"] for r in results] == [1, 4]
+    assert results[-1] == {"batch_size": 4, "out_of_memory": True}
+
+
+def test_bench_errors(converted, run_cli):
+    model = converted("llama")
+    result = run_cli("bench", model, "--device", "cpu", "--scenario", "custom", "--prompt-len", 4)
+    assert result.exit_code == 1 and "custom needs --prompt-len and --gen-len" in result.stderr
+    result = run_cli("bench", model, "--device", "cpu", "--batch-size", "many")
+    assert result.exit_code == 1 and "--batch-size takes a number" in result.stderr
+    result = run_cli("bench", model, "--device", "cpu", "--scenario", "fast")
+    assert result.exit_code == 1 and "unknown scenario 'fast'" in result.stderr
