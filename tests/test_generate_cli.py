@@ -1,6 +1,5 @@
 """`uptrain generate` on a converted model and on a plain source."""
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 

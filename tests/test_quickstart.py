@@ -1,10 +1,14 @@
-"""`uptrain quickstart`, shortened to 2 steps: every stage runs offline and the summary is complete."""
+"""`uptrain quickstart`, shortened to 2 steps: every stage runs offline, the summary is complete and the
+output folder can be pushed as is."""
 
 import json
 import math
 
+import yaml
+from hub_server import HubServer
 
-def test_quickstart_runs_every_stage(run_cli, smollm2, tmp_path):
+
+def test_quickstart_runs_every_stage(run_cli, smollm2, tmp_path, monkeypatch):
     out = tmp_path / "qs"
     result = run_cli("quickstart", out, "--steps", 2)
     assert result.exit_code == 0, result.output
@@ -22,3 +26,17 @@ def test_quickstart_runs_every_stage(run_cli, smollm2, tmp_path):
     for required in ("config.json", "README.md", "training.json", "conversion.json", "tokenizer.json", "modeling_block_transformer.py"):
         assert (final / required).is_file(), required
     assert "| source (vanilla) |" in (out / "summary.md").read_text()
+
+    # pushed as is: the uptrained model, its card carrying the license, base model and the evaluation
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with HubServer("hf_qs") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        result = run_cli("push", out, "someone/quickstart", "--token", "hf_qs")
+        assert result.exit_code == 0, result.output
+        received = hub.files("someone/quickstart")
+    assert received == {str(p.relative_to(final)): p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    card = received["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["license"] == "apache-2.0" and metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    uptrained = summary["results"]["uptrained (2 steps)"]
+    assert f"| this model | {uptrained['loss']:.4f} |" in card and "## Training" in card

@@ -1,7 +1,6 @@
 """The uptraining loop: exact resume after SIGKILL, several processes, distillation, bad input, NaN."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -98,7 +98,7 @@ class BlockGenerationMixin:
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        block_length, r = self.config.block_length, self.config.prefix_length
+        block_length = self.config.block_length
         real = attention_mask.sum(1)  # (B,)
         whole, partial = real // block_length, real % block_length  # (B,), (B,)
         blocks = int(whole.max())
@@ -166,7 +166,6 @@ class BlockGenerationMixin:
         """
         active = context.shape[0]
         block_length, r = self.config.block_length, self.config.prefix_length
-        max_new = output.tokens.shape[1]
         positions = self.window_position_ids(context.device)[None].expand(active, -1)  # (A, r+L-1)
         cache = DynamicCache(config=self.config.token_decoder)
         cache_arg = _cache_argument(self.token_decoder)

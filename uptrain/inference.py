@@ -4,7 +4,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 
 from .errors import UserError
 from .sources import DTYPES, load_model, load_tokenizer, resolve

@@ -160,7 +160,7 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
         Block N (one past the end) is scored too: its first position predicts the token after the input.
         """
         batch, length = ids.shape
-        block_length, r = self.config.block_length, self.config.prefix_length
+        block_length = self.config.block_length
         blocks = length // block_length
         block_mask = None if mask is None else mask[:, ::block_length]  # (B, N): a block is real iff its first token is
         block_positions = torch.arange(blocks, device=ids.device).expand(batch, -1)
