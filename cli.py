@@ -203,7 +203,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing each batch size.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed runs per batch size; the median is reported.")] = 3,
     max_batch_size: Annotated[int, typer.Option(help="Upper limit of the auto search.")] = 65536,
-    device: Annotated[str, typer.Option(help="cuda, cuda:1, cpu, ...")] = "cuda",
+    device: Annotated[str, typer.Option(help="auto (cuda when there is a GPU, else cpu), cuda, cuda:1, cpu, ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
     output: Annotated[Path | None, typer.Option(help="JSON report path; the plot goes beside it as .png (default: bench-SCENARIO.json).")] = None,
 ):
@@ -215,6 +215,10 @@ def bench(
     from uptrain.bench import BenchSettings, format_table, parse_batch_sizes, write_report
     from uptrain.bench import bench as run_bench
 
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "bfloat16"
     settings = BenchSettings(

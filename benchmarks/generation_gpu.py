@@ -17,16 +17,19 @@ DOCS = REPO / "docs"
 
 
 def merge(reports: list[Path], baselines: list[Path]) -> dict[str, dict]:
-    """scenario -> one report holding the model and the baseline, whichever files they came from."""
+    """scenario -> one report holding the model and the baseline, whichever files they came from. Each result
+    keeps the warm-up and repeat counts of the run that measured it, since runs may differ in them."""
     merged: dict[str, dict] = {}
     for path, is_baseline in [(p, False) for p in reports] + [(p, True) for p in baselines]:
         report = json.loads(path.read_text())
+        protocol = {key: report["settings"][key] for key in ("warmup", "repeats")}
         target = merged.setdefault(report["settings"]["scenario"], {"environment": report["environment"]})
-        if is_baseline:
-            target["baseline"], target["baseline_settings"] = report["model"], report["settings"]
-        else:
-            target["settings"] = report["settings"]
-            target.update({key: report[key] for key in ("model", "baseline") if key in report})
+        target.setdefault("settings", report["settings"])
+        roles = {"baseline": report["model"]} if is_baseline else {k: report[k] for k in ("model", "baseline") if k in report}
+        for role, part in roles.items():
+            entry = target.setdefault(role, {**part, "results": []})
+            entry["results"] = sorted(entry["results"] + [{**r, **protocol} for r in part["results"]],
+                                      key=lambda r: r["batch_size"])
     for report in merged.values():
         if "model" in report and "baseline" in report:
             report["speedup"] = speedups(report["model"]["results"], report["baseline"]["results"])
@@ -37,6 +40,8 @@ COMMANDS = """\
 uptrain bench .device/smollm2-b4 --baseline .device/smollm2-config --random-init --scenario prefill-heavy \\
     --batch-size auto --repeats 3 --output prefill-heavy.json
 uptrain bench .device/smollm2-config --random-init --scenario decode-heavy --batch-size 256,512 --warmup 1 --repeats 1
+    # (stopped by the 10-minute limit during batch 512's timed run; batch 512 was then measured alone:)
+uptrain bench .device/smollm2-config --random-init --scenario decode-heavy --batch-size 512 --warmup 0 --repeats 1
 uptrain bench .device/smollm2-b4 --random-init --scenario decode-heavy --batch-size 256,1024,4096 --warmup 1 --repeats 1"""
 
 

@@ -37,10 +37,11 @@ def test_bench_cli_reports_both_models_and_writes_json_and_plot(converted, tiny_
 
 def test_random_init_and_auto_search_up_to_the_limit(converted, run_cli, tmp_path):
     report_path = tmp_path / "auto.json"
-    result = run_cli("bench", converted("qwen2"), "--random-init", "--device", "cpu", "--scenario", "custom",
+    result = run_cli("bench", converted("qwen2"), "--random-init", "--scenario", "custom",  # --device auto
                      "--prompt-len", 5, "--gen-len", 6, "--max-batch-size", 8, "--repeats", 1, "--output", report_path)
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
+    assert report["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert [r["batch_size"] for r in report["model"]["results"]] == [1, 4, 8]  # x4, then the largest that fits
     assert "baseline" not in report
 
