@@ -53,6 +53,9 @@ def test_auto_search_predicts_memory_from_the_last_batch():
     assert _largest_fitting(result, 4, 4, budget=4 * GIB, resident=GIB, max_size=10**6) == 8  # 12 rows fit
     assert _largest_fitting(result, 4, 4, budget=2.1 * GIB, resident=GIB, max_size=10**6) is None
     assert _largest_fitting(result, 4, 4, budget=10 * GIB, resident=GIB, max_size=8) == 8
+    unknown = {"peak_memory_bytes": None}  # no memory reading: only the cap limits the search
+    assert _largest_fitting(unknown, 4, 4, budget=float("inf"), resident=0, max_size=8) == 8
+    assert _largest_fitting(unknown, 8, 4, budget=float("inf"), resident=0, max_size=8) is None
 
 
 def test_out_of_memory_ends_the_search_and_is_recorded(converted):

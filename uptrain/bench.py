@@ -169,12 +169,12 @@ def _largest_fitting(result: dict, size: int, factor: int, budget: float, reside
     """The next batch size to try: size * factor if it is predicted to fit, else the largest power of two
     above `size` that is; None when none is. Memory beyond the weights grows linearly with the batch."""
     peak = result.get("peak_memory_bytes")
-    if peak is None or not math.isfinite(budget):
-        return size * factor if size * factor <= max_size else None
-    per_row = max(peak - resident, 1) / size
-    fits = int((budget - resident) // per_row)
+    limit = max_size
+    if peak is not None and math.isfinite(budget):
+        per_row = max(peak - resident, 1) / size
+        limit = min(limit, int((budget - resident) // per_row))
     candidate = size * factor
-    while candidate > size and (candidate > fits or candidate > max_size):
+    while candidate > size and candidate > limit:
         candidate //= 2
     return candidate if candidate > size else None
 
