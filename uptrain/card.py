@@ -19,6 +19,9 @@ def read_records(folder: Path) -> dict:
         path = Path(folder) / name
         if path.is_file():
             records[key] = json.loads(path.read_text())
+    recipe = Path(folder) / "recipe.yaml"  # written beside an uptrained model
+    if recipe.is_file():
+        records["recipe"] = yaml.safe_load(recipe.read_text())
     return records
 
 
@@ -36,6 +39,7 @@ def model_card(
     conversion: dict | None = None,
     training: dict | None = None,
     evaluation: dict | None = None,
+    recipe: dict | None = None,
     repo_id: str | None = None,
 ) -> str:
     """The card for a Block Transformer with config `config` (a dict) and the given records."""
@@ -51,7 +55,7 @@ def model_card(
     sections = [
         _about(config, conversion),
         _conversion_table(config, conversion),
-        _training_section(training),
+        _training_section(training, recipe),
         _evaluation_section(evaluation),
         _usage(repo_id or "PATH_OR_REPO_ID"),
     ]
@@ -82,6 +86,7 @@ def _conversion_table(config: dict, conversion: dict) -> str:
         ("block length", config["block_length"]),
         ("prefix vectors", config["prefix_length"]),
         ("layer method", options.get("method", "unknown")),
+        ("weights dtype", config.get("torch_dtype") or config.get("dtype") or options.get("dtype", "unknown")),
         ("block decoder layers (source indices)", layers.get("block_decoder")),
         ("token decoder layers (source indices)", layers.get("token_decoder")),
         ("converted", conversion.get("created", "unknown")),
@@ -89,10 +94,19 @@ def _conversion_table(config: dict, conversion: dict) -> str:
     return "## Conversion\n\n" + _table(rows)
 
 
-def _training_section(training: dict | None) -> str:
+def _training_section(training: dict | None, recipe: dict | None) -> str:
     if not training:
         return "## Training\n\nNot uptrained yet: a freshly converted model loses quality until `uptrain train` runs.\n"
     rows = [("optimizer steps", training.get("steps")), ("tokens seen", f"{training.get('tokens', 0):,}")]
+    if recipe:
+        distill = recipe.get("distill") or {}
+        rows += [
+            ("sequence length", recipe.get("seq_len")),
+            ("sequences a step", recipe.get("global_batch_size")),
+            ("peak learning rate", recipe.get("lr")),
+            ("precision", recipe.get("precision")),
+            ("distillation", f"weight {distill.get('weight')}" if distill.get("enabled") else "off"),
+        ]
     if training.get("train_loss") is not None:
         rows.append(("last training loss", f"{training['train_loss']:.4f}"))
     held_out = training.get("eval") or {}

@@ -263,7 +263,8 @@ class Trainer:
                 write_model_folder(
                     folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
                     generation_config=getattr(model, "generation_config", None),
-                    card=model_card(model.config.to_dict(), records.get("conversion.json"), training=facts),
+                    card=model_card(model.config.to_dict(), records.get("conversion.json"), training=facts,
+                                    recipe=self.recipe.to_dict()),
                     records=records,
                 )
                 (folder / "recipe.yaml").write_text(dump_recipe(self.recipe))
