@@ -1,9 +1,10 @@
-"""A small Hugging Face Hub-compatible HTTP server for testing `uptrain push` with the real client.
+"""A small Hugging Face Hub-compatible HTTP server for testing the real huggingface_hub client against.
 
-It speaks the endpoints `create_repo`, `create_branch` and `upload_folder` use: repo creation, branch
-creation, README.md metadata validation, preupload (every file is declared "regular", so contents travel base64-encoded inside the
-commit, as the Hub does for small files) and the NDJSON commit. It checks the bearer token and keeps
-what it receives in memory: `repos[repo_id]["branches"][branch][path] = bytes`.
+Uploads: the endpoints `create_repo`, `create_branch` and `upload_folder` use: whoami, repo and branch
+creation, README.md metadata validation, preupload (every file is declared "regular", so contents travel
+base64-encoded inside the commit, as the Hub does for small files) and the NDJSON commit; they need the
+bearer token. Downloads: HEAD/GET `/{repo}/resolve/{rev}/{path}` with the commit and ETag headers the
+client caches by, model info and file trees, no token. Content lives in memory: `repos[repo_id]["branches"][branch][path] = bytes`.
 """
 
 import base64
@@ -17,6 +18,9 @@ import yaml
 
 METADATA_TYPES = {"license": str, "base_model": (str, list), "tags": list, "library_name": str, "pipeline_tag": str}
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+|[\w.-]+)"
+INFO = re.compile(rf"^/api/models/{REPO}(/revision/(?P<rev>[^/]+))?$")
+TREE = re.compile(rf"^/api/models/{REPO}/tree/(?P<rev>[^/]+)(/(?P<path>.+))?$")
+RESOLVE = re.compile(rf"^/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 ROUTES = [
     ("create_repo", re.compile(r"^/api/repos/create$")),
     ("validate_yaml", re.compile(r"^/api/validate-yaml$")),
@@ -91,8 +95,53 @@ class HubServer:
                 value = line["value"]
                 assert value["encoding"] == "base64", value["encoding"]
                 files[value["path"]] = base64.b64decode(value["content"])
-        oid = hashlib.sha1(json.dumps(sorted(files)).encode()).hexdigest()
+        oid = self.commit_of(repo, rev)
         return 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid}
+
+    def commit_of(self, repo: str, branch: str = "main") -> str:
+        """A commit id that changes whenever the branch's content does."""
+        files = self._repo(repo)["branches"][branch]
+        digest = hashlib.sha1()
+        for path in sorted(files):
+            digest.update(path.encode() + hashlib.sha1(files[path]).digest())
+        return digest.hexdigest()
+
+    def add_repo(self, repo_id: str, folder) -> None:
+        """Publish a local folder as a public model repository, as if it had been pushed."""
+        from pathlib import Path
+
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+        self.repos[repo_id] = {"visibility": "public", "branches": {"main": files}}
+
+    def model_info(self, repo: str, rev: str | None = None) -> dict:
+        """GET /api/models/{repo}[/revision/{rev}]: what `model_info` returns for a public repository."""
+        files = self._branch(repo, rev or "main")
+        branch = next(name for name, content in self._repo(repo)["branches"].items() if content is files)
+        return {"id": repo, "modelId": repo, "sha": self.commit_of(repo, branch), "private": False,
+                "siblings": [{"rfilename": path} for path in sorted(files)]}
+
+    def tree(self, repo: str, rev: str, path: str | None = None) -> list[dict]:
+        """GET /api/models/{repo}/tree/{rev}[/{path}]: the files under `path` (all of them; recursive)."""
+        prefix = f"{path.rstrip('/')}/" if path else ""
+        files = self._branch(repo, rev)
+        found = [{"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+                 for name, content in sorted(files.items()) if name.startswith(prefix)]
+        if prefix and not found:
+            raise LookupError(f"{repo}/{path}")
+        return found
+
+    def download(self, repo: str, rev: str, path: str) -> tuple[int, dict, bytes]:
+        """GET/HEAD /{repo}/resolve/{rev}/{path}: the file, with the headers huggingface_hub caches by."""
+        try:
+            files = self._branch(repo, rev)
+        except LookupError:
+            return 404, {"X-Error-Code": "RepoNotFound"}, b""
+        if path not in files:
+            return 404, {"X-Error-Code": "EntryNotFound"}, b""
+        content = files[path]
+        commit = next(name for name, branch in self._repo(repo)["branches"].items() if branch is files)
+        return 200, {"X-Repo-Commit": self.commit_of(repo, commit), "ETag": f'"{hashlib.sha1(content).hexdigest()}"',
+                     "Content-Length": str(len(content))}, content
 
     def _repo(self, repo: str) -> dict:
         if repo not in self.repos:
@@ -100,10 +149,14 @@ class HubServer:
         return self.repos[repo]
 
     def _branch(self, repo: str, rev: str) -> dict:
+        """A branch's files, by branch name or by its current commit id."""
         branches = self._repo(repo)["branches"]
-        if rev not in branches:
-            raise LookupError(f"{repo}@{rev}")
-        return branches[rev]
+        if rev in branches:
+            return branches[rev]
+        for name in branches:
+            if self.commit_of(repo, name) == rev:
+                return branches[name]
+        raise LookupError(f"{repo}@{rev}")
 
     # -- HTTP plumbing --------------------------------------------------------------------------------
 
@@ -114,8 +167,31 @@ class HubServer:
             def log_message(self, *args):  # keep the test output clean
                 pass
 
-            def do_GET(self):
-                hub.requests.append(("GET", self.path, dict(self.headers)))
+            def do_HEAD(self):
+                self.do_GET(send_body=False)
+
+            def do_GET(self, send_body=True):
+                hub.requests.append(("GET" if send_body else "HEAD", self.path, dict(self.headers)))
+                path = self.path.split("?")[0]
+                for pattern, endpoint in ((INFO, hub.model_info), (TREE, hub.tree)):
+                    match = pattern.match(path)
+                    if match:
+                        try:
+                            return self._reply(200, endpoint(**match.groupdict()))
+                        except LookupError as missing:
+                            return self._reply(404, {"error": f"not found: {missing}"}, "EntryNotFound")
+                resolve = RESOLVE.match(path)
+                if resolve:  # downloads of public repositories need no token
+                    status, headers, content = hub.download(**resolve.groupdict())
+                    self.send_response(status)
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    if status != 200:
+                        self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    if send_body:
+                        self.wfile.write(content)
+                    return
                 if self.headers.get("Authorization") != f"Bearer {hub.token}":
                     return self._reply(401, {"error": "Invalid credentials in Authorization header"})
                 if self.path.split("?")[0] == "/api/whoami-v2":
@@ -142,13 +218,13 @@ class HubServer:
                     status, answer = 404, {"error": f"Repository not found: {missing}"}
                 self._reply(status, answer)
 
-            def _reply(self, status: int, answer: dict):
+            def _reply(self, status: int, answer, error_code: str = "RepoNotFound"):
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 if status == 404:
-                    self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("X-Error-Code", error_code)
                 self.end_headers()
                 self.wfile.write(data)
 
