@@ -124,7 +124,7 @@ def _evaluation_section(evaluation: dict | None) -> str:
     if settings:
         data = settings.get("data")
         data = ", ".join(map(str, data)) if isinstance(data, list) else data
-        lines += [f"`uptrain eval` on {data}: {settings.get('windows')} windows of "
+        lines += [f"Scored on {data}: {settings.get('windows')} windows of "
                   f"{settings.get('seq_len')} tokens, the same tokens for every row.", ""]
     lines += ["| | loss | perplexity | bits/byte |", "|---|---|---|---|"]
     labels = settings.get("labels", {})
