@@ -104,5 +104,9 @@ def test_push_errors_are_one_line_and_never_show_the_token(model_with_license, h
     assert result.exit_code == 1 and "model folder not found" in result.stderr
     result = run_cli("push", SAMPLE.parent, "someone/x")
     assert result.exit_code == 1 and "is not a Block Transformer folder" in result.stderr
-    result = run_cli("push", model_with_license, "some one/bad id")
-    assert result.exit_code == 1 and "invalid repository id" in result.stderr
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    requests = len(hub.requests)
+    for bad in ("some one/bad id", "bad id"):
+        result = run_cli("push", model_with_license, bad, "--token", TOKEN)
+        assert result.exit_code == 1 and "invalid repository id" in result.stderr
+    assert len(hub.requests) == requests  # refused before asking the Hub anything

@@ -41,12 +41,7 @@ def model_folder(path: Path) -> Path:
 
 def prepare(path: Path, repo_id: str) -> PushPlan:
     """Check the repository id, (re)write the model card and list what will be uploaded."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise UserError(f"invalid repository id {repo_id!r}: {first_line(error)}") from None
+    check_repo_id(repo_id)
     folder = model_folder(path)
     readme = folder / "README.md"
     card_written = not readme.is_file() or is_our_card(readme.read_text())
@@ -60,8 +55,18 @@ def prepare(path: Path, repo_id: str) -> PushPlan:
     return PushPlan(folder, repo_id, files, card_written)
 
 
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"invalid repository id {repo_id!r}: {first_line(error)}") from None
+
+
 def full_repo_id(repo_id: str, token: str | None = None) -> str:
     """`name` -> `user/name` for the token's user, as the Hub would create it; `owner/name` unchanged."""
+    check_repo_id(repo_id)
     if "/" in repo_id:
         return repo_id
     with hub_errors(repo_id, token):

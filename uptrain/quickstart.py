@@ -59,7 +59,7 @@ def quickstart(out: Path, overwrite: bool = False, steps: int | None = None) -> 
     final = out / "run" / "final"
     _record_evaluation(final, results, recipe.seq_len, len(windows))
     summary = {"results": results, "samples": samples, "training": facts, "seconds": time.perf_counter() - started,
-               "final_model": str(final)}
+               "final_model": str(final.resolve())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = _summary_text(results, samples, summary)
     (out / "summary.md").write_text(text)
