@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,6 +53,16 @@ def smollm2(tmp_path_factory):
     source.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return gguf, folder, source, tokenizer
+
+
+@pytest.fixture
+def licensed_source(tiny_source, tmp_path):
+    """A copy of the tiny Llama source whose model card declares a license (MIT)."""
+    source, _ = tiny_source("llama")
+    licensed = tmp_path / "licensed-source"
+    shutil.copytree(source, licensed)
+    (licensed / "README.md").write_text("---\nlicense: mit\n---\n# a tiny test model\n")
+    return licensed
 
 
 def load_block_model(folder):

@@ -4,7 +4,6 @@ pushed model loading from the hub in a process that cannot import block-uptrain.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +23,8 @@ def run(args: list[str], endpoint: str, home: Path, **env) -> subprocess.Complet
     return subprocess.run(args, env=environment, capture_output=True, text=True, timeout=300)
 
 
-def test_convert_a_hub_model_then_again_offline(tiny_source, run_cli, tmp_path):
-    source, _ = tiny_source("llama")
-    published = tmp_path / "published"
-    shutil.copytree(source, published)
-    (published / "README.md").write_text("---\nlicense: mit\n---\n# tiny llama\n")
+def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_path):
+    published = licensed_source
     local = tmp_path / "local"
     assert run_cli("convert", published, local).exit_code == 0
     home = tmp_path / "hf-home"

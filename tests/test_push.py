@@ -1,6 +1,5 @@
 """`uptrain push` end to end: the real huggingface_hub client against a hub-compatible server on 127.0.0.1."""
 
-import shutil
 import socket
 from pathlib import Path
 
@@ -13,15 +12,11 @@ TOKEN = "hf_test_secret_token_1234"
 
 
 @pytest.fixture
-def model_with_license(tiny_source, run_cli, tmp_path):
+def model_with_license(licensed_source, run_cli, tmp_path):
     """A converted tiny Llama whose source declares a license, evaluated once (eval_results.json)."""
-    source, _ = tiny_source("llama")
-    licensed = tmp_path / "source"
-    shutil.copytree(source, licensed)
-    (licensed / "README.md").write_text("---\nlicense: mit\n---\n# a tiny test model\n")
     model = tmp_path / "model"
-    assert run_cli("convert", licensed, model).exit_code == 0
-    result = run_cli("eval", model, "--data", SAMPLE, "--baseline", licensed, "--seq-len", 64, "--max-windows", 4)
+    assert run_cli("convert", licensed_source, model).exit_code == 0
+    result = run_cli("eval", model, "--data", SAMPLE, "--baseline", licensed_source, "--seq-len", 64, "--max-windows", 4)
     assert result.exit_code == 0, result.output
     return model
 
