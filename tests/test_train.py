@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from uptrain.data import prepare
 from uptrain.recipe import load_recipe
-from uptrain.train import complete_checkpoints, distillation_loss, resume_point
+from uptrain.objective import distillation_loss
+from uptrain.train import complete_checkpoints, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
@@ -177,3 +178,65 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_source, tiny_dat
     kept = complete_checkpoints(tmp_path)
     assert kept and str(kept[-1]) in message
     assert not (tmp_path / "final").exists()
+
+
+def test_fast_and_plain_loss_give_the_same_run(tiny_source, tiny_data, tmp_path, run_cli):
+    """The whole loop (accumulation, clipping, AdamW) on the chunked loss against the full-logits loss."""
+    source, _ = tiny_source("llama")
+    curves = {}
+    for fast in ("true", "false"):
+        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / fast, fast_loss=fast))
+        assert result.exit_code == 0, result.output
+        curves[fast] = losses(tmp_path / fast)
+    assert len(curves["true"]) == 12 and curves["true"][-1] < curves["true"][0]
+    torch.testing.assert_close(torch.tensor(curves["true"]), torch.tensor(curves["false"]), rtol=1e-4, atol=0)
+
+
+def test_vanilla_training_starts_from_the_source_and_exports_a_plain_model(tiny_source, tiny_data, tmp_path, run_cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uptrain.data import TokenData, sample_indices
+
+    source, model = tiny_source("qwen2")  # no dropout, so the first step's loss is the source's own
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, architecture="vanilla",
+                                                           max_steps=3, save_every=3))
+    assert result.exit_code == 0, result.output
+    first_batch = TokenData(tiny_data, "train").batch(sample_indices(0, 8, 0, 1), 64, seed=0)
+    with torch.no_grad():
+        expected = model(first_batch, labels=first_batch).loss  # the source's own loss, computed by transformers
+    assert losses(tmp_path)[0] == pytest.approx(float(expected), rel=1e-5)
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # no remote code: a plain transformers folder
+    assert type(trained) is type(model)
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").get_vocab() == tiny_tokenizer().get_vocab()
+    assert json.loads((tmp_path / "final" / "training.json").read_text())["architecture"] == "vanilla"
+    moved = [name for name, p in trained.state_dict().items() if not torch.equal(p, model.state_dict()[name])]
+    assert moved
+
+
+def layer_distance(a: dict, b: dict, name: str) -> float:
+    return float((a[name] - b[name]).norm() / b[name].norm())
+
+
+@pytest.mark.parametrize("architecture,converted_source", [("vanilla", False), ("block", False), ("block", True)])
+def test_from_scratch(architecture, converted_source, tiny_source, converted, tiny_data, tmp_path, run_cli):
+    """Random weights of the source's shape: far from the source's, while 4 steps from pretrained stay close.
+    (seed 1: the tiny sources are themselves seed-0 random inits of their configs.)"""
+    from transformers import AutoModelForCausalLM
+
+    source, model = tiny_source("llama")
+    source = converted("llama") if converted_source else source
+    runs = {}
+    for scratch in ("true", "false"):
+        out = tmp_path / scratch
+        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, out, architecture=architecture,
+                                                               from_scratch=scratch, max_steps=4, save_every=4, seed=1))
+        assert result.exit_code == 0, result.output
+        remote = architecture == "block"
+        runs[scratch] = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=remote).state_dict()
+        assert json.loads((out / "final" / "training.json").read_text())["from_scratch"] == (scratch == "true")
+    name = next(n for n in runs["true"] if n.endswith("layers.0.mlp.down_proj.weight"))
+    assert layer_distance(runs["true"], runs["false"], name) > 1.0  # independent draws: about sqrt(2)
+    start = (model.state_dict() if architecture == "vanilla" else
+             AutoModelForCausalLM.from_pretrained(converted("llama"), trust_remote_code=True).state_dict())
+    assert layer_distance(runs["false"], start, name) < 0.3

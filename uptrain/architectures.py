@@ -5,6 +5,8 @@ model's ModuleList with `num_hidden_layers` entries, the final norm is found by 
 (`modeling_block_transformer.FINAL_NORM_NAMES`).
 """
 
+import torch
+
 # Base models that change `inputs_embeds` before their first layer. `scale_from`: a config attribute the
 # embeddings are multiplied by; `position_embedding`: a learned absolute position table that is added.
 # (Gemma-style sqrt(D) scaling lives inside the embedding module in transformers 5, so it needs no entry.)
@@ -47,3 +49,34 @@ def decoder_config(source_config, layers: list[int]) -> dict:
             config[key] = [value[i] for i in layers]
     config["num_hidden_layers"] = len(layers)
     return config
+
+
+# What a causal LM does to `lm_head(hidden)` to get its logits, where it does more: (operation, config
+# attribute). Losses that apply the head themselves (`chunked_loss`) need it; the trainer checks the result
+# against the model's own logits once, so a family missing here is caught rather than trained wrongly.
+LOGIT_TRANSFORMS = {
+    "granite": ("divide", "logits_scaling"),
+    "granitemoe": ("divide", "logits_scaling"),
+    "granitemoeshared": ("divide", "logits_scaling"),
+    "granitemoehybrid": ("divide", "logits_scaling"),
+    "gemma2": ("softcap", "final_logit_softcapping"),
+    "gemma3_text": ("softcap", "final_logit_softcapping"),
+    "cohere": ("multiply", "logit_scale"),
+    "cohere2": ("multiply", "logit_scale"),
+    "falcon_h1": ("multiply", "lm_head_multiplier"),
+}
+LOGIT_OPERATIONS = {
+    "divide": lambda logits, value: logits / value,
+    "multiply": lambda logits, value: logits * value,
+    "softcap": lambda logits, value: torch.tanh(logits / value) * value,
+}
+
+
+def logit_transform(config):
+    """logits = logit_transform(config)(lm_head(hidden)) for a causal LM of this config."""
+    operation, key = LOGIT_TRANSFORMS.get(config.model_type, (None, None))
+    value = getattr(config, key, None) if key else None
+    if value is None:
+        return lambda logits: logits
+    apply = LOGIT_OPERATIONS[operation]
+    return lambda logits: apply(logits, value)

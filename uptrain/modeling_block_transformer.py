@@ -160,6 +160,30 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
         Block N (one past the end) is scored too: its first position predicts the token after the input.
         """
         batch, length = ids.shape
+        windows, positions = self.token_windows(ids, mask, past_end=True)
+        logits = self.token_decoder(
+            inputs_embeds=windows, position_ids=positions, logits_to_keep=self.config.block_length
+        ).logits
+        return logits.reshape(batch, length + self.config.block_length, -1)  # (B, (N+1)*L, V)
+
+    def next_token_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Unpadded (B, T) ids, T a multiple of L -> (B, T-1, D) final token-decoder states.
+
+        states[:, t] is what the LM head turns into logits[:, t] (the score of token t+1), for training
+        losses that apply the head themselves, chunk by chunk, rather than hold (B, T, V) logits. The
+        window past the end, whose scores no training token needs, is not computed.
+        """
+        batch, length = input_ids.shape
+        windows, positions = self.token_windows(input_ids, None, past_end=False)
+        states = self.token_decoder.base_model(inputs_embeds=windows, position_ids=positions).last_hidden_state
+        states = states[:, -self.config.block_length :].reshape(batch, length, -1)  # states[:, u] ~ token u
+        return states[:, 1:]
+
+    def token_windows(self, ids: torch.Tensor, mask: torch.Tensor | None, past_end: bool):
+        """Token-decoder inputs for every block of anchored (B, N*L) ids: windows (B*W, r+L-1, D) and their
+        position ids, W = N+1 with the block past the end, else N. Window j holds block j's prefix (from the
+        context before it) and its first L-1 tokens."""
+        batch, length = ids.shape
         block_length = self.config.block_length
         blocks = length // block_length
         block_mask = None if mask is None else mask[:, ::block_length]  # (B, N): a block is real iff its first token is
@@ -171,15 +195,16 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
             inputs_embeds=self.embed_blocks(ids), attention_mask=block_mask, position_ids=block_positions
         ).last_hidden_state  # (B, N, D)
         start = self.start_context.to(hidden.dtype).expand(batch, 1, -1)
-        context = torch.cat([start, hidden], dim=1)  # (B, N+1, D), context[:, j] serves block j
+        context = torch.cat([start, hidden if past_end else hidden[:, :-1]], dim=1)  # (B, W, D), context[:, j] serves block j
         if block_mask is not None:  # a block after padding is a row's first block: it starts from start_context
-            after_real = F.pad(block_mask, (1, 0)).bool()[..., None]  # (B, N+1, 1)
+            after_real = F.pad(block_mask, (1, 0)).bool()[:, : context.shape[1], None]  # (B, W, 1)
             context = torch.where(after_real, context, start)
 
-        window_tokens = F.pad(ids.view(batch, blocks, block_length), (0, 0, 0, 1))[..., :-1]  # (B, N+1, L-1)
-        token_embeds = self.token_decoder.get_input_embeddings()(window_tokens)  # (B, N+1, L-1, D)
+        window_tokens = ids.view(batch, blocks, block_length)[..., :-1]  # (B, N, L-1)
+        if past_end:
+            window_tokens = F.pad(window_tokens, (0, 0, 0, 1))  # (B, N+1, L-1): block N's tokens are unknown
+        token_embeds = self.token_decoder.get_input_embeddings()(window_tokens)  # (B, W, L-1, D)
         windows = torch.cat([self.prefix_inputs(context).to(token_embeds.dtype), token_embeds], dim=2)
-        windows = windows.flatten(0, 1)  # (B*(N+1), r+L-1, D)
+        windows = windows.flatten(0, 1)  # (B*W, r+L-1, D)
         positions = self.window_position_ids(ids.device).expand(windows.shape[0], -1)
-        logits = self.token_decoder(inputs_embeds=windows, position_ids=positions, logits_to_keep=block_length).logits
-        return logits.reshape(batch, (blocks + 1) * block_length, -1)  # (B, (N+1)*L, V)
+        return windows, positions

@@ -11,6 +11,7 @@ import yaml
 from .errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+ARCHITECTURES = ("block", "vanilla")
 TRACKERS = ("tensorboard", "wandb", "none")
 
 
@@ -39,6 +40,8 @@ class Recipe:
     source: str  # a vanilla model to convert first, or an already converted folder
     data: str  # a folder written by `uptrain data prepare`
     output_dir: str
+    architecture: str = "block"  # block: the Block Transformer of `source`; vanilla: `source` itself as a causal LM
+    from_scratch: bool = False  # random weights: `source` gives only the configuration and the tokenizer
     convert: ConvertSection = field(default_factory=ConvertSection)
     seq_len: int = 2048
     micro_batch_size: int = 8
@@ -61,6 +64,8 @@ class Recipe:
     block_offset: bool = True  # random first-block offset per sample, as the reference code does
     resume: str = "auto"  # auto | none | a checkpoint folder
     tracker: str = "tensorboard"
+    fast_loss: bool = True  # LM head + loss in row chunks, never the full logits (false: the plain path)
+    compile: bool = False  # torch.compile each decoder layer (worth it on a GPU; compiling takes a minute)
     distill: DistillSection = field(default_factory=DistillSection)
 
     def total_steps(self) -> int:
@@ -131,6 +136,8 @@ def validate(recipe: Recipe) -> Recipe:
     """Checks across keys that types alone cannot express."""
     if recipe.precision not in PRECISIONS:
         raise UserError(f"recipe key 'precision' must be one of {', '.join(PRECISIONS)}, got {recipe.precision!r}")
+    if recipe.architecture not in ARCHITECTURES:
+        raise UserError(f"recipe key 'architecture' must be one of {', '.join(ARCHITECTURES)}, got {recipe.architecture!r}")
     if recipe.tracker not in TRACKERS:
         raise UserError(f"recipe key 'tracker' must be one of {', '.join(TRACKERS)}, got {recipe.tracker!r}")
     if (recipe.max_steps is None) == (recipe.max_tokens is None):

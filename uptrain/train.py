@@ -2,6 +2,8 @@
 
 A step is a pure function of (recipe, step, process rank): the batch comes from `TokenData` by global
 sample index, so a run resumed from a checkpoint continues exactly where an uninterrupted run would be.
+The same loop trains a Block Transformer (converted from `source`, or from scratch) and, for baselines,
+the vanilla `source` itself (pretrained or from scratch); `objective.NextTokenObjective` holds the loss.
 """
 
 import contextlib
@@ -9,6 +11,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,12 +19,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .flops import peak_flops, training_flops_per_token
+from .objective import NextTokenObjective, compile_layers, head_mismatch, is_block_model
 from .recipe import Recipe, dump_recipe
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"  # one line per step: loss, lr, tokens/s, held-out figures when evaluated
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the teacher's dtype on a GPU
+HEAD_CHECK_TOLERANCE = 1e-3  # relative: the fast loss must rebuild the model's own logits in float32
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -62,16 +69,6 @@ def resume_point(recipe: Recipe) -> Path | None:
     return path
 
 
-def distillation_loss(student, teacher, labels, weight: float, temperature: float):
-    """(1-w) * CE(student) + w * T^2 * KL(teacher || student) at temperature T, over predicted positions."""
-    vocab = student.shape[-1]
-    ce = F.cross_entropy(student[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1))
-    log_student = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
-    kl = F.kl_div(log_student.reshape(-1, vocab), log_teacher.reshape(-1, vocab), log_target=True, reduction="batchmean")
-    return (1 - weight) * ce + weight * temperature**2 * kl, ce
-
-
 class Trainer:
     """Holds what a run needs; `run()` trains, evaluates, checkpoints and exports."""
 
@@ -85,7 +82,7 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=MIXED_PRECISION[recipe.precision], log_with=trackers, project_dir=str(self.output_dir)
         )
-        set_seed(recipe.seed)
+        set_seed(recipe.seed)  # before any random initialisation: every process builds the same weights
         world = self.accelerator.num_processes
         if recipe.global_batch_size % (recipe.micro_batch_size * world):
             raise UserError(
@@ -98,68 +95,125 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------------
 
     def prepare_model(self) -> Path:
-        """The Block Transformer folder to train: `source` itself, or its conversion (made once)."""
-        from .convert import ConvertOptions, convert
+        """The Block Transformer folder to uptrain: `source` itself, or its conversion (made once)."""
+        from .convert import convert
         from .inference import is_block_transformer
 
         if is_block_transformer(self.recipe.source):
             return Path(self.recipe.source)
         converted = self.output_dir / "converted"
         if self.accelerator.is_main_process and not (converted / "config.json").is_file():
-            section = self.recipe.convert
-            options = ConvertOptions(section.block_length, section.block_layers, section.method, section.prefix_length)
-            convert(self.recipe.source, converted, options)
+            convert(self.recipe.source, converted, self.convert_options())
         self.accelerator.wait_for_everyone()
         return converted
+
+    def convert_options(self):
+        from .convert import ConvertOptions
+
+        section = self.recipe.convert
+        return ConvertOptions(section.block_length, section.block_layers, section.method, section.prefix_length)
 
     def check_block_length(self, block_length: int) -> None:
         if self.recipe.seq_len % block_length:
             raise UserError(f"seq_len {self.recipe.seq_len} is not a multiple of the block length {block_length}")
 
-    def load(self):
-        from transformers import AutoModelForCausalLM
+    def build_model(self):
+        """(float32 model, the folder or source spec that holds its tokenizer and records).
 
-        from .data import TokenData, check_tokenizer, load_manifest
-        from .sources import load_tokenizer, resolve
+        block: the conversion of `source` (or `source` itself when it is converted already); vanilla:
+        `source` as it is. From scratch, either architecture gets random weights of `source`'s shape."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        from .convert import build_config
         from .inference import is_block_transformer
+        from .modeling_block_transformer import BlockTransformerForCausalLM
+        from .sources import load_config, load_model, resolve
+
+        recipe, source = self.recipe, self.recipe.source
+        if not recipe.from_scratch:
+            if recipe.architecture == "vanilla":
+                return load_model(resolve(source), "float32"), source
+            model_dir = str(self.prepare_model())
+            return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32), model_dir
+        if recipe.architecture == "block" and is_block_transformer(source):
+            config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+            return BlockTransformerForCausalLM(config).float(), source
+        config = load_config(resolve(source))
+        config.__dict__.pop("quantization_config", None)  # a GGUF source's; the new weights are plain floats
+        if recipe.architecture == "vanilla":
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32), source
+        return BlockTransformerForCausalLM(build_config(config, self.convert_options(), torch.float32)).float(), source
+
+    def load(self):
+        from .data import TokenData, check_tokenizer, load_manifest
+        from .inference import is_block_transformer
+        from .sources import load_tokenizer, resolve
 
         recipe = self.recipe
         manifest = load_manifest(recipe.data)  # fail on bad data and shapes before the slow conversion
-        if not is_block_transformer(recipe.source):
+        if recipe.architecture == "block" and not is_block_transformer(recipe.source):
             self.check_block_length(recipe.convert.block_length)
-        self.model_dir = self.prepare_model()
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, trust_remote_code=True, dtype=torch.float32)
-        self.tokenizer = load_tokenizer(resolve(str(self.model_dir)), trust_remote_code=True)
-        block_length = model.config.block_length
-        self.check_block_length(block_length)
+        model, self.model_dir = self.build_model()
+        self.tokenizer = load_tokenizer(resolve(self.model_dir), trust_remote_code=is_block_transformer(self.model_dir))
         if self.tokenizer is None:
             raise UserError(f"{self.model_dir} has no tokenizer")
+        block_length = model.config.block_length if is_block_model(model) else 1
+        self.check_block_length(block_length)
         check_tokenizer(recipe.data, self.tokenizer, model_name=str(self.model_dir))
         self.train_data = TokenData(recipe.data, "train")
         self.val_data = TokenData(recipe.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None
-        self.block_offset = block_length if recipe.block_offset else 0
+        self.block_offset = block_length if recipe.block_offset and block_length > 1 else 0
         if self.train_data.num_sequences(recipe.seq_len, self.block_offset) < 1:
             raise UserError(f"the training split of {recipe.data} has fewer tokens than one sequence of {recipe.seq_len}")
         if self.val_data is not None and len(self.val_data) < recipe.seq_len:
             self.val_data = None  # too little held-out text for one window: evaluation is skipped
 
-        optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas))
+        teacher = self.load_teacher() if recipe.distill.enabled else None
+        fast = recipe.fast_loss and self.fast_loss_rebuilds_logits(model, teacher)  # both still float32 on the CPU
+        if teacher is not None:  # frozen: the run's half precision on a GPU
+            on_gpu = self.accelerator.device.type == "cuda"
+            dtype = HALF_PRECISION.get(recipe.precision, torch.float32) if on_gpu else torch.float32
+            teacher = teacher.to(device=self.accelerator.device, dtype=dtype)
+        self.flops_per_token = training_flops_per_token(model, recipe.seq_len)["total"]
+        if recipe.compile:
+            compile_layers(model)
+        objective = NextTokenObjective(model, fast=fast, teacher=teacher, distill_weight=recipe.distill.weight,
+                                       temperature=recipe.distill.temperature)
+        fused = self.accelerator.device.type == "cuda"  # the same update as the per-tensor loop, in one kernel
+        optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas),
+                                      fused=fused or None)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, recipe.warmup_steps, self.total_steps, recipe.min_lr_ratio)
         )
-        self.model, self.optimizer, self.schedule = self.accelerator.prepare(model, optimizer, schedule)
-        self.teacher = self.load_teacher() if recipe.distill.enabled else None
+        self.model, self.optimizer, self.schedule = self.accelerator.prepare(objective, optimizer, schedule)
+
+    def fast_loss_rebuilds_logits(self, model, teacher) -> bool:
+        """Whether final states through the LM head give the model's (and teacher's) own logits on a sample."""
+        ids = self.train_data.batch([0], self.recipe.seq_len, self.recipe.seed)[:, : min(self.recipe.seq_len, 64)]
+        for name, lm in (("model", model), ("teacher", teacher)):
+            if lm is None:
+                continue
+            mismatch = head_mismatch(lm, ids)
+            if not mismatch <= HEAD_CHECK_TOLERANCE:
+                warnings.warn(f"fast_loss is off: the {name}'s final states through its LM head differ from its logits "
+                              f"by {mismatch:.1e} (relative), a head block-uptrain does not know; training on full logits")
+                return False
+        return True
 
     def load_teacher(self):
+        """The frozen teacher (default: the vanilla source), float32 on the CPU."""
         from .sources import load_model, resolve
 
         spec = self.recipe.distill.teacher
         if spec is None:
-            record = self.model_dir / "conversion.json"
+            record = Path(self.model_dir) / "conversion.json"
             spec = json.loads(record.read_text())["source"] if record.is_file() else self.recipe.source
-        teacher = load_model(resolve(spec)).eval().requires_grad_(False)
-        return teacher.to(self.accelerator.device)
+        return load_model(resolve(spec), "float32").eval().requires_grad_(False)
+
+    @property
+    def language_model(self):
+        """The block or vanilla causal LM being trained, outside its training wrappers."""
+        return self.accelerator.unwrap_model(self.model).model
 
     # -- steps ------------------------------------------------------------------------------------
 
@@ -182,17 +236,9 @@ class Trainer:
             last = i == self.accumulation - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync, self.accelerator.autocast():
-                logits = self.model(ids).logits  # (micro, seq_len, V)
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(ids).logits
-                    loss, ce = distillation_loss(
-                        logits, teacher_logits, ids, self.recipe.distill.weight, self.recipe.distill.temperature
-                    )
-                else:
-                    loss = ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss, ce = self.model(ids)  # the objective: the loss to differentiate, the cross-entropy to report
                 self.accelerator.backward(loss / self.accumulation)
-            total += ce.detach() / self.accumulation
+            total += ce / self.accumulation
         mean = self.accelerator.reduce(total, reduction="mean")
         if not torch.isfinite(mean):
             return float(mean)
@@ -208,7 +254,8 @@ class Trainer:
         """Held-out loss and perplexity over the first `eval_windows` windows of the validation split."""
         if self.val_data is None:
             return None
-        self.model.eval()
+        model = self.language_model
+        model.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         sums = torch.zeros(2, device=self.accelerator.device)  # (loss sum, predicted tokens)
         for index, window in enumerate(self.val_data.windows(self.recipe.seq_len, self.recipe.eval_windows)):
@@ -216,10 +263,10 @@ class Trainer:
                 continue
             ids = window[None].to(self.accelerator.device)
             with self.accelerator.autocast():
-                logits = self.model(ids).logits
+                logits = model(ids).logits
             sums[0] += F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
             sums[1] += ids.shape[1] - 1
-        self.model.train()
+        model.train()
         sums = self.accelerator.reduce(sums, reduction="sum")
         loss = float(sums[0] / sums[1])
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
@@ -247,26 +294,32 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def export(self, facts: dict) -> Path:
-        """<output_dir>/final in exactly the `convert` format, with the training facts recorded."""
+        """<output_dir>/final: a Block Transformer in exactly the `convert` format, a vanilla model as
+        `save_pretrained` writes it; the training facts and the recipe beside either."""
         from .card import model_card
         from .export import saved_tensors, staged_folder, write_model_folder
 
         out = self.output_dir / "final"
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
-            conversion = self.model_dir / "conversion.json"
-            records = {"training.json": facts}
-            if conversion.is_file():
-                records["conversion.json"] = json.loads(conversion.read_text())
-            names, tensors = saved_tensors(model)
+            model = self.language_model
             with staged_folder(out, overwrite=True) as folder:
-                write_model_folder(
-                    folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
-                    generation_config=getattr(model, "generation_config", None),
-                    card=model_card(model.config.to_dict(), records.get("conversion.json"), training=facts,
-                                    recipe=self.recipe.to_dict()),
-                    records=records,
-                )
+                if is_block_model(model):
+                    records = {"training.json": facts}
+                    conversion = Path(self.model_dir) / "conversion.json"
+                    if conversion.is_file() and not self.recipe.from_scratch:
+                        records["conversion.json"] = json.loads(conversion.read_text())
+                    names, tensors = saved_tensors(model)
+                    write_model_folder(
+                        folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
+                        generation_config=getattr(model, "generation_config", None),
+                        card=model_card(model.config.to_dict(), records.get("conversion.json"), training=facts,
+                                        recipe=self.recipe.to_dict()),
+                        records=records,
+                    )
+                else:
+                    model.save_pretrained(folder)
+                    self.tokenizer.save_pretrained(folder)
+                    (folder / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
                 (folder / "recipe.yaml").write_text(dump_recipe(self.recipe))
         self.accelerator.wait_for_everyone()
         return out
@@ -283,7 +336,9 @@ class Trainer:
             start = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         self.accelerator.init_trackers("uptrain", config={k: str(v) for k, v in recipe.to_dict().items()})
         tokens_per_step = recipe.global_batch_size * recipe.seq_len
-        facts = {"steps": start, "tokens": start * tokens_per_step, "train_loss": None, "eval": None}
+        facts = {"architecture": recipe.architecture, "from_scratch": recipe.from_scratch, "steps": start,
+                 "tokens": start * tokens_per_step, "train_loss": None, "eval": None}
+        peak = peak_flops(self.accelerator.device)
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="training",
                    disable=not self.accelerator.is_main_process)
         self.model.train()
@@ -301,9 +356,14 @@ class Trainer:
             facts.update(steps=done, tokens=done * tokens_per_step, train_loss=loss)
             elapsed = time.perf_counter() - clock
             rate = (done - start) * tokens_per_step / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}", tok_s=f"{rate:,.0f}")
+            step_rate = tokens_per_step / max(step_seconds, 1e-9)
             logs = {"train/loss": loss, "train/lr": self.schedule.get_last_lr()[0], "train/tokens_per_s": rate,
-                    "train/step_seconds": step_seconds}
+                    "train/step_seconds": step_seconds, "train/step_tokens_per_s": step_rate}
+            shown = dict(loss=f"{loss:.3f}", lr=f"{logs['train/lr']:.2e}", tok_s=f"{step_rate:,.0f}")
+            if peak:  # model FLOPs utilisation of this step, per GPU (flops.py has the formula)
+                logs["train/mfu"] = step_rate * self.flops_per_token / (peak * self.accelerator.num_processes)
+                shown["mfu"] = f"{logs['train/mfu']:.1%}"
+            bar.set_postfix(**shown)
             if done % recipe.eval_every == 0 or done == self.total_steps:
                 facts["eval"] = self.evaluate()
                 if facts["eval"]:

@@ -1,0 +1,175 @@
+"""Training throughput, MFU and peak memory of the uptraining loop, block and vanilla, variant by variant.
+
+Each variant runs in its own process through the real `Trainer` (recipe overrides on
+`recipes/smollm2-135m-b4.yaml`): load, warm-up steps (compilation happens there), then timed optimizer
+steps, synchronised, median reported. Random weights of the source's shape (speed does not depend on
+the values) and text tokenized with the source's tokenizer. Results are appended to a JSON file after
+each variant, so a run cut short keeps what it measured; `--profile` adds a profiler table (CUDA time
+by op) of one optimizer step of the first variant.
+
+    python benchmarks/training_throughput.py CONFIG_DIR WORK_DIR --output RESULTS.json [--variants a,b]
+
+CONFIG_DIR holds a source model's config.json and tokenizer (e.g. SmolLM2-135M's); nothing is downloaded.
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RECIPE = REPO / "recipes" / "smollm2-135m-b4.yaml"
+# name -> recipe overrides. "before" is the loop as it was: full float32 logits, eager layers.
+VARIANTS = {
+    "block-plain-mb16": dict(architecture="block", fast_loss=False, compile=False, micro_batch_size=16),
+    "block-fast-mb16": dict(architecture="block", fast_loss=True, compile=False, micro_batch_size=16),
+    "block-fast-compile-mb16": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=16),
+    "block-fast-compile-mb32": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=32),
+    "block-fast-compile-mb64": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=64),
+    "vanilla-plain-mb16": dict(architecture="vanilla", fast_loss=False, compile=False, micro_batch_size=16),
+    "vanilla-fast-compile-mb16": dict(architecture="vanilla", fast_loss=True, compile=True, micro_batch_size=16),
+    "vanilla-fast-compile-mb32": dict(architecture="vanilla", fast_loss=True, compile=True, micro_batch_size=32),
+}
+
+
+def docstring_corpus(path: Path) -> Path:
+    """Real English text that any Python install has: the docstrings of its standard library and packages."""
+    import sysconfig
+
+    from uptrain.corpus import source_docstrings
+
+    paths = sysconfig.get_paths()
+    documents = source_docstrings(dict.fromkeys([paths["stdlib"], paths["purelib"]]))
+    path.write_text("\n".join(json.dumps({"text": doc}) for doc in documents) + "\n")
+    return path
+
+
+def setup(config_dir: Path, work: Path, data: Path | None = None) -> tuple[Path, Path]:
+    """(random-weight source folder, token folder), made once in `work`; `data`: a prepared token folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from uptrain.data import prepare
+
+    source, data = work / "source", data or work / "tokens"
+    tokenizer = AutoTokenizer.from_pretrained(config_dir)
+    if not (source / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
+        model.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    if not (data / "manifest.json").is_file():
+        prepare(str(docstring_corpus(work / "corpus.jsonl")), data, tokenizer, val_fraction=0.02, tokenizer_name="source")
+    return source, data
+
+
+def run_variant(name: str, overrides: dict, source: Path, data: Path, work: Path, warmup: int, steps: int,
+                accumulation: int, profile: bool, extra: list[str]) -> dict:
+    from uptrain.flops import peak_flops
+    from uptrain.recipe import load_recipe
+    from uptrain.train import Trainer
+
+    micro = overrides["micro_batch_size"]
+    values = dict(source=source, data=data, output_dir=work / f"run-{name}", tracker="none",
+                  global_batch_size=micro * accumulation, max_steps=warmup + steps, warmup_steps=2, **overrides)
+    recipe = load_recipe(RECIPE, [f"{key}={value}" for key, value in values.items()] + extra)
+    trainer = Trainer(recipe)
+    started = time.perf_counter()
+    trainer.load()
+    load_seconds = time.perf_counter() - started
+    trainer.model.train()
+    device = trainer.accelerator.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(warmup + steps):  # train_step ends in a host read of the loss: the step is complete
+        began = time.perf_counter()
+        losses.append(trainer.train_step(step))
+        times.append(time.perf_counter() - began)
+    timed = times[warmup:]
+    tokens = recipe.global_batch_size * recipe.seq_len
+    median = statistics.median(timed)
+    peak = peak_flops(device)
+    result = {
+        "variant": name, **{k: v for k, v in overrides.items()}, "global_batch_size": recipe.global_batch_size,
+        "seq_len": recipe.seq_len, "tokens_per_step": tokens, "step_seconds_median": median,
+        "step_seconds": timed, "warmup_seconds": times[:warmup], "tokens_per_s": tokens / median,
+        "flops_per_token": trainer.flops_per_token, "mfu": tokens / median * trainer.flops_per_token / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "load_seconds": load_seconds,
+        "first_loss": losses[0], "last_loss": losses[-1], "fast_loss_used": trainer.accelerator.unwrap_model(trainer.model).fast,
+    }
+    if profile:
+        result["profile"] = profile_step(trainer, warmup + steps)
+    return result
+
+
+def profile_step(trainer, step: int) -> str:
+    """Top ops by CUDA time over one optimizer step, as the profiler's table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = trainer.accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        trainer.train_step(step)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config_dir", type=Path)
+    parser.add_argument("work_dir", type=Path)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--data", type=Path, help="a prepared token folder (default: docstrings, prepared here)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--profile", action="store_true", help="profile one step of the first variant")
+    parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides key=value for every variant")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    source, data = setup(args.config_dir, args.work_dir, args.data)
+    names = args.variants.split(",")
+    if args.one:
+        result = run_variant(args.one, VARIANTS[args.one], source, data, args.work_dir, args.warmup, args.steps,
+                             args.accumulation, args.profile, args.set)
+        print("RESULT " + json.dumps(result))
+        return
+    results = json.loads(args.output.read_text()) if args.output.is_file() else []
+    for index, name in enumerate(names):
+        command = [sys.executable, __file__, str(args.config_dir), str(args.work_dir), "--output", str(args.output),
+                   "--data", str(data),
+                   "--one", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--accumulation", str(args.accumulation), "--set", *args.set]
+        command += ["--profile"] if args.profile and index == 0 else []
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            results.append({"variant": name, "error": done.stderr.strip().splitlines()[-5:]})
+        else:
+            results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        args.output.write_text(json.dumps(results, indent=1) + "\n")
+        row = results[-1]
+        if "error" in row:
+            print(f"{name}: FAILED {row['error']}", flush=True)
+        else:
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] else "-"
+            memory = f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] else "-"
+            print(f"{name}: {row['tokens_per_s']:,.0f} tok/s, MFU {mfu}, step {row['step_seconds_median']:.3f} s, "
+                  f"peak {memory}, loss {row['first_loss']:.3f}->{row['last_loss']:.3f}", flush=True)
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()

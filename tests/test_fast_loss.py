@@ -1,0 +1,113 @@
+"""The fast loss (LM head and loss in row chunks) against the plain path over full logits, and FLOPs per token.
+
+float32 on the CPU: the two paths sum in another order, nothing else, so losses and every gradient agree to
+float32 rounding (stated tolerances: rel 1e-5 on the loss, 1e-4 of each gradient's largest entry).
+"""
+
+import pytest
+import torch
+from families import FAMILIES, save_tiny_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM
+
+from uptrain import architectures
+from uptrain.chunked_loss import chunked_head_loss, cross_entropy_chunks
+from uptrain.flops import training_flops_per_token
+from uptrain.objective import NextTokenObjective, head_mismatch
+
+from conftest import load_block_model
+
+
+def gradients(model, objective, ids):
+    """(loss, cross-entropy, gradients) of one backward pass; eval mode, so dropout (GPT-2's) draws nothing."""
+    model.eval().zero_grad(set_to_none=True)
+    loss, ce = objective(ids)
+    loss.backward()
+    return loss.detach(), ce, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_signal(model, ids, teacher=None, **settings):
+    plain = gradients(model, NextTokenObjective(model, fast=False, teacher=teacher, **settings), ids)
+    fast = gradients(model, NextTokenObjective(model, fast=True, chunk_rows=7, teacher=teacher, **settings), ids)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-5, atol=0)
+    assert fast[2].keys() == plain[2].keys() and len(plain[2]) == len(list(model.parameters()))
+    for name, expected in plain[2].items():
+        scale = float(expected.abs().max())
+        assert scale > 0, f"{name} got no gradient"
+        torch.testing.assert_close(fast[2][name], expected, rtol=0, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fast_loss_equals_plain_loss_and_gradients(family, tiny_source, converted):
+    _, source = tiny_source(family)
+    ids = torch.randint(4, 128, (3, 32), generator=torch.Generator().manual_seed(1))
+    block = load_block_model(converted(family))
+    assert_same_training_signal(source, ids)
+    assert_same_training_signal(block, ids)
+
+
+def test_distillation_fast_equals_plain(tiny_source, converted):
+    _, teacher = tiny_source("llama")
+    student = load_block_model(converted("llama"))
+    ids = torch.randint(4, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+    assert_same_training_signal(student, ids, teacher=teacher.eval(), distill_weight=0.3, temperature=2.0)
+
+
+def test_soft_capped_logits(tmp_path):
+    """Gemma-style final soft cap (tanh), strong enough to matter: the transform is applied and differentiated."""
+    config = FAMILIES["gemma3_text"]()
+    config.final_logit_softcapping = 0.5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids = torch.randint(4, 128, (2, 16))
+    assert head_mismatch(model, ids) < 1e-6
+    assert_same_training_signal(model, ids)
+
+
+def test_an_unknown_logit_transform_is_detected(tiny_source, monkeypatch):
+    _, granite = tiny_source("granite")  # divides its logits by logits_scaling = 2
+    ids = torch.randint(4, 128, (1, 16))
+    assert head_mismatch(granite, ids) < 1e-6
+    monkeypatch.delitem(architectures.LOGIT_TRANSFORMS, "granite")
+    assert head_mismatch(granite, ids) > 0.3
+
+
+def test_chunked_cross_entropy_against_float64():
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(29, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(50, generator=generator, requires_grad=True)
+    labels = torch.randint(50, (29,), generator=generator)
+    labels[[0, 5, 17]] = -100
+    total, reported = chunked_head_loss(hidden, weight, bias, cross_entropy_chunks(labels), chunk_rows=6)
+    (total * 0.5).backward()
+
+    h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    expected = torch.nn.functional.cross_entropy(h @ w.T + b, labels, ignore_index=-100, reduction="sum")
+    (expected * 0.5).backward()
+    torch.testing.assert_close(total.double(), expected.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(reported, total.detach())
+    for ours, reference in ((hidden, h), (weight, w), (bias, b)):
+        torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_flops_per_token_against_a_flop_counter(family, tiny_source, converted):
+    """The formula against torch's FLOP counter over a real forward and backward pass of the fast path.
+
+    The counter sees what ran: the head over T-1 positions, attention with the causal half included (as
+    the formula's convention counts it), and the r prefix positions of every window."""
+    seq_len, batch = 64, 2
+    _, source = tiny_source(family)
+    ids = torch.randint(4, 128, (batch, seq_len), generator=torch.Generator().manual_seed(4))
+    for model in (source, load_block_model(converted(family))):
+        model.set_attn_implementation("eager")  # attention as matmuls the counter sees (it skips CPU SDPA)
+        objective = NextTokenObjective(model, fast=True)
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = objective(ids)
+            loss.backward()
+        measured = counter.get_total_flops() / (batch * seq_len)
+        predicted = training_flops_per_token(model, seq_len)["total"]
+        model.set_attn_implementation("sdpa")
+        assert measured == pytest.approx(predicted, rel=0.01), type(model).__name__

@@ -1,0 +1,118 @@
+"""Losses over the LM head computed in row chunks, so that (tokens, vocab) logits never exist at once.
+
+With a 49,152-word vocabulary, 16 x 2048 tokens of logits are 3.2 GB in bf16 and 6.4 GB more as the float32
+copy a plain cross-entropy makes, plus their gradients: more memory than the whole model's activations.
+Here each chunk of rows gets its logits, its loss and the loss's gradient with respect to those logits in
+the forward pass; the chunk's logits are then dropped and only the gradients of the hidden states
+(rows, D) and of the head (V, D) are kept for the backward pass (the idea of Liger-Kernel's fused linear
+cross-entropy and of cut-cross-entropy, in plain PyTorch). The matmul work is the same as the plain path's:
+one head product forward, two backward.
+
+The loss of a chunk is any function of its float32 logits (cross-entropy, distillation KL), and the
+architecture's logit transform (a scale, a soft cap) is applied inside it, so autograd differentiates
+through it; see `architectures.logit_transform`.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# rows (tokens) per chunk: 8,192 x 49,152 float32 logits are 1.6 GB, small beside an 80 GB card, and the
+# head products stay large enough to run at full speed.
+DEFAULT_CHUNK_ROWS = 8192
+
+# chunk_loss(logits (C, V) float32, start, end) -> (loss sum to differentiate, sum to report without gradient)
+ChunkLoss = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast would run the head's matmul in (the tensors' own dtype without autocast)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_loss: ChunkLoss, chunk_rows: int):
+        # hidden (R, D), weight (V, D), bias (V,) or None
+        dtype = _compute_dtype(hidden.device, weight.dtype)
+        h, w = hidden.detach().to(dtype), weight.detach().to(dtype)
+        b = None if bias is None else bias.detach().to(dtype)
+        grad_hidden = torch.empty_like(h)  # (R, D)
+        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # (V, D)
+        grad_bias = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        report = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.shape[0], chunk_rows):
+                end = min(start + chunk_rows, h.shape[0])
+                h_chunk = h[start:end]  # (C, D)
+                logits = h_chunk @ w.T if b is None else torch.addmm(b, h_chunk, w.T)  # (C, V)
+                with torch.enable_grad():
+                    logits = logits.float().requires_grad_()
+                    chunk, reported = chunk_loss(logits, start, end)
+                    (grad_logits,) = torch.autograd.grad(chunk, logits)
+                loss += chunk.detach()
+                report += reported.detach()
+                grad_logits = grad_logits.to(dtype)  # (C, V)
+                torch.mm(grad_logits, w, out=grad_hidden[start:end])
+                grad_weight += grad_logits.T @ h_chunk
+                if grad_bias is not None:
+                    grad_bias += grad_logits.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(report)
+        return loss, report
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_report):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden = (grad_hidden * grad_loss).to(hidden_dtype)
+        grad_weight = (grad_weight * grad_loss).to(weight_dtype)
+        grad_bias = None if grad_bias is None else (grad_bias * grad_loss).to(weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_loss: ChunkLoss,
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, reported sum) of `chunk_loss` over the head's logits `hidden @ weight.T + bias`, chunk by chunk.
+
+    hidden (R, D) final states, weight (V, D), bias (V,) or None. Gradients reach hidden, weight and bias.
+    """
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, chunk_loss, chunk_rows)
+
+
+def cross_entropy_chunks(labels: torch.Tensor, transform: Callable = lambda z: z) -> ChunkLoss:
+    """Summed cross-entropy against `labels` (R,); -100 is ignored. Reports the same sum."""
+
+    def loss(logits, start, end):
+        total = F.cross_entropy(transform(logits), labels[start:end], ignore_index=-100, reduction="sum")
+        return total, total
+
+    return loss
+
+
+def distillation_chunks(labels: torch.Tensor, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                        teacher_bias: torch.Tensor | None, weight: float, temperature: float,
+                        transform: Callable = lambda z: z, teacher_transform: Callable = lambda z: z) -> ChunkLoss:
+    """Summed (1-w) * CE + w * T^2 * KL(teacher || student) at temperature T; reports the summed CE.
+
+    The teacher's logits are made chunk by chunk too, from its final states (R, D) and its head, without
+    gradients, so neither model's full logits exist at once.
+    """
+
+    def loss(logits, start, end):
+        student = transform(logits)  # (C, V)
+        with torch.no_grad():
+            t_hidden = teacher_hidden[start:end].to(teacher_weight.dtype)
+            t_logits = t_hidden @ teacher_weight.T if teacher_bias is None else torch.addmm(teacher_bias, t_hidden, teacher_weight.T)
+            log_teacher = F.log_softmax(teacher_transform(t_logits.float()) / temperature, dim=-1)
+        ce = F.cross_entropy(student, labels[start:end], ignore_index=-100, reduction="sum")
+        log_student = F.log_softmax(student / temperature, dim=-1)
+        kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
+        return (1 - weight) * ce + weight * temperature**2 * kl, ce.detach()
+
+    return loss

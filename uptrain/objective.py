@@ -1,0 +1,132 @@
+"""What the trainer differentiates: the next-token loss of a causal LM, block or vanilla.
+
+`NextTokenObjective` wraps the model so that the whole loss runs inside one `forward` (what DDP and FSDP
+wrap and hook). Two paths compute the same function:
+- fast: the final hidden states go through the LM head chunk by chunk (`chunked_loss`), so the (B, T, V)
+  logits and their float32 copies never exist;
+- plain: `model(ids).logits`, then the loss over full logits (the reference the fast path is tested
+  against, and the fallback for heads the fast path does not know).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architectures import logit_transform
+from .chunked_loss import DEFAULT_CHUNK_ROWS, chunked_head_loss, cross_entropy_chunks, distillation_chunks
+
+
+def is_block_model(model: nn.Module) -> bool:
+    return hasattr(model, "next_token_states")
+
+
+def output_head(model: nn.Module):
+    """(weight (V, D), bias (V,) or None, logit transform) of a causal LM's head, block or vanilla."""
+    lm = model.token_decoder if is_block_model(model) else model
+    head = lm.get_output_embeddings()
+    return head.weight, head.bias, logit_transform(lm.config)
+
+
+def next_token_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T-1, D) final states; the head turns states[:, t] into the score of token t+1."""
+    if is_block_model(model):
+        return model.next_token_states(ids)
+    return model.base_model(input_ids=ids).last_hidden_state[:, :-1]
+
+
+def distillation_loss(student, teacher, labels, weight: float, temperature: float):
+    """(1-w) * CE(student) + w * T^2 * KL(teacher || student) at temperature T, over predicted positions.
+
+    Full (B, T, V) logits of both; the plain path's reference for `chunked_loss.distillation_chunks`."""
+    vocab = student.shape[-1]
+    ce = F.cross_entropy(student[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1))
+    log_student = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
+    kl = F.kl_div(log_student.reshape(-1, vocab), log_teacher.reshape(-1, vocab), log_target=True, reduction="batchmean")
+    return (1 - weight) * ce + weight * temperature**2 * kl, ce
+
+
+class NextTokenObjective(nn.Module):
+    """forward(ids (B, T)) -> (loss to differentiate, mean cross-entropy), with an optional frozen teacher.
+
+    The teacher (a causal LM without gradients) is held outside the module's parameters, so optimisers,
+    checkpoints and DDP see the student alone.
+    """
+
+    def __init__(self, model: nn.Module, fast: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.fast = fast
+        self.chunk_rows = chunk_rows
+        self._teacher = [teacher] if teacher is not None else []  # a list: not registered as a submodule
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fast_loss(ids) if self.fast else self.plain_loss(ids)
+
+    def plain_loss(self, ids):
+        logits = self.model(ids).logits  # (B, T, V)
+        if self.teacher is None:
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            return ce, ce.detach()
+        with torch.no_grad():
+            teacher_logits = self.teacher(ids).logits
+        loss, ce = distillation_loss(logits, teacher_logits, ids, self.distill_weight, self.temperature)
+        return loss, ce.detach()
+
+    def fast_loss(self, ids):
+        states = next_token_states(self.model, ids).flatten(0, 1)  # (B*(T-1), D)
+        labels = ids[:, 1:].flatten()  # (B*(T-1),)
+        weight, bias, transform = output_head(self.model)
+        if self.teacher is None:
+            chunk_loss = cross_entropy_chunks(labels, transform)
+        else:
+            with torch.no_grad():
+                teacher_states = next_token_states(self.teacher, ids).flatten(0, 1)
+            t_weight, t_bias, t_transform = output_head(self.teacher)
+            chunk_loss = distillation_chunks(labels, teacher_states, t_weight, t_bias, self.distill_weight,
+                                             self.temperature, transform, t_transform)
+        total, reported = chunked_head_loss(states, weight, bias, chunk_loss, self.chunk_rows)
+        count = labels.numel()
+        return total / count, reported / count
+
+
+
+@torch.no_grad()
+def head_mismatch(model: nn.Module, ids: torch.Tensor) -> float:
+    """Largest |rebuilt logit - model logit| over a short sample (B, T), relative to the logits' scale.
+
+    The fast path rebuilds logits from final states, the head and `architectures.LOGIT_TRANSFORMS`; a
+    family whose head does something else shows here before a single step is trained."""
+    logits = model(ids).logits[:, :-1].float()  # (B, T-1, V)
+    weight, bias, transform = output_head(model)
+    states = next_token_states(model, ids).to(weight.dtype)
+    rebuilt = transform(F.linear(states, weight, bias).float())
+    return float((rebuilt - logits).abs().max() / logits.abs().max().clamp(min=1e-6))
+
+
+def layers_of(base_model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers base model (its ModuleList of `num_hidden_layers` entries)."""
+    from .convert import layer_list_name
+
+    return list(getattr(base_model, layer_list_name(base_model)))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every decoder layer of a block or vanilla causal LM (the units that `compile` and FSDP wrap)."""
+    bases = [model.block_decoder, model.token_decoder.base_model] if is_block_model(model) else [model.base_model]
+    return [layer for base in bases for layer in layers_of(base)]
+
+
+def compile_layers(model: nn.Module) -> int:
+    """torch.compile each decoder layer in place (parameter names unchanged); returns how many."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
