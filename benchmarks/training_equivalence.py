@@ -44,7 +44,7 @@ def main():
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    source, data = setup(args.config_dir, args.work_dir, args.data)
+    _, source, data = setup(args.config_dir, args.work_dir, args.data)  # the converted random-weight model
     settings = dict(source=source, data=data, micro_batch_size=16, global_batch_size=32, max_steps=args.steps,
                     warmup_steps=20, lr=1e-3, eval_every=50, eval_windows=16, save_every=args.steps, log_every=10,
                     tracker="none")
@@ -63,7 +63,7 @@ def main():
     plain = [logs["plain"]["train"][s] for s in steps]
     late = [abs(a - b) for s, a, b in zip(steps, fast, plain) if s > 10]
     summary = {
-        "steps": len(steps), "tokens_per_step": 32 * 2048,
+        "steps": len(steps), "global_batch_size": settings["global_batch_size"],
         "first_loss": {"fast": fast[0], "plain": plain[0]}, "last_loss": {"fast": fast[-1], "plain": plain[-1]},
         "mean_abs_difference_after_step_10": statistics.mean(late), "max_abs_difference_after_step_10": max(late),
         "val_loss": {name: logs[name]["val"] for name in logs},

@@ -52,32 +52,40 @@ def docstring_corpus(path: Path) -> Path:
     return path
 
 
-def setup(config_dir: Path, work: Path, data: Path | None = None) -> tuple[Path, Path]:
-    """(random-weight source folder, token folder), made once in `work`; `data`: a prepared token folder."""
+def setup(config_dir: Path, work: Path, data: Path | None = None) -> tuple[Path, Path, Path]:
+    """(random-weight source folder, its 15/15 conversion, token folder), made once in `work`;
+    `data`: a prepared token folder to use instead of the docstrings."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from uptrain.convert import ConvertOptions, convert
     from uptrain.data import prepare
+    from uptrain.recipe import load_recipe
 
-    source, data = work / "source", data or work / "tokens"
+    source, converted, data = work / "source", work / "converted", data or work / "tokens"
     tokenizer = AutoTokenizer.from_pretrained(config_dir)
     if not (source / "config.json").is_file():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
         model.save_pretrained(source)
         tokenizer.save_pretrained(source)
+    if not (converted / "config.json").is_file():
+        section = load_recipe(RECIPE).convert
+        block_layers = min(section.block_layers, AutoConfig.from_pretrained(config_dir).num_hidden_layers // 2)
+        convert(str(source), converted, ConvertOptions(section.block_length, block_layers, section.method,
+                                                        section.prefix_length), overwrite=True)
     if not (data / "manifest.json").is_file():
         prepare(str(docstring_corpus(work / "corpus.jsonl")), data, tokenizer, val_fraction=0.02, tokenizer_name="source")
-    return source, data
+    return source, converted, data
 
 
-def run_variant(name: str, overrides: dict, source: Path, data: Path, work: Path, warmup: int, steps: int,
+def run_variant(name: str, overrides: dict, sources: dict, data: Path, work: Path, warmup: int, steps: int,
                 accumulation: int, profile: bool, extra: list[str]) -> dict:
     from uptrain.flops import peak_flops
     from uptrain.recipe import load_recipe
     from uptrain.train import Trainer
 
     micro = overrides["micro_batch_size"]
-    values = dict(source=source, data=data, output_dir=work / f"run-{name}", tracker="none",
+    values = dict(source=sources[overrides["architecture"]], data=data, output_dir=work / f"run-{name}", tracker="none",
                   global_batch_size=micro * accumulation, max_steps=warmup + steps, warmup_steps=2, **overrides)
     recipe = load_recipe(RECIPE, [f"{key}={value}" for key, value in values.items()] + extra)
     trainer = Trainer(recipe)
@@ -139,10 +147,11 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    source, data = setup(args.config_dir, args.work_dir, args.data)
+    source, converted, data = setup(args.config_dir, args.work_dir, args.data)
+    sources = {"vanilla": source, "block": converted}
     names = args.variants.split(",")
     if args.one:
-        result = run_variant(args.one, VARIANTS[args.one], source, data, args.work_dir, args.warmup, args.steps,
+        result = run_variant(args.one, VARIANTS[args.one], sources, data, args.work_dir, args.warmup, args.steps,
                              args.accumulation, args.profile, args.set)
         print("RESULT " + json.dumps(result))
         return

@@ -11,9 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from uptrain import architectures
-from uptrain.chunked_loss import chunked_head_loss, cross_entropy_chunks
+from uptrain.chunked_loss import ChunkGradient, chunked_head_loss, cross_entropy_chunks
 from uptrain.flops import training_flops_per_token
 from uptrain.objective import NextTokenObjective, head_mismatch
+from uptrain.window_attention import use_window_attention
 
 from conftest import load_block_model
 
@@ -80,7 +81,7 @@ def test_chunked_cross_entropy_against_float64():
     bias = torch.randn(50, generator=generator, requires_grad=True)
     labels = torch.randint(50, (29,), generator=generator)
     labels[[0, 5, 17]] = -100
-    total, reported = chunked_head_loss(hidden, weight, bias, cross_entropy_chunks(labels), chunk_rows=6)
+    total, reported = chunked_head_loss(hidden, weight, bias, ChunkGradient(cross_entropy_chunks()), (labels,), chunk_rows=6)
     (total * 0.5).backward()
 
     h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
@@ -111,3 +112,18 @@ def test_flops_per_token_against_a_flop_counter(family, tiny_source, converted):
         predicted = training_flops_per_token(model, seq_len)["total"]
         model.set_attn_implementation("sdpa")
         assert measured == pytest.approx(predicted, rel=0.01), type(model).__name__
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_window_attention_gives_the_models_logits(family, converted):
+    """Training's token-decoder attention against the model's own (SDPA), logits and gradients."""
+    model = load_block_model(converted(family))
+    ids = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    expected = gradients(model, NextTokenObjective(model, fast=False), ids)
+    use_window_attention(model)
+    assert model.token_decoder.config._attn_implementation == "block_window"
+    assert model.block_decoder.config._attn_implementation != "block_window"
+    got = gradients(model, NextTokenObjective(model, fast=False), ids)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=0)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=0, atol=1e-4 * float(grad.abs().max()), msg=name)

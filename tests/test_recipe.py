@@ -70,3 +70,11 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_architecture_is_checked():
+    path = Path(RECIPES[0]).parent / "tiny-cpu.yaml"
+    with pytest.raises(UserError, match="recipe key 'architecture' must be one of block, vanilla"):
+        load_recipe(path, ["architecture=moe"])
+    with pytest.raises(UserError, match="recipe key 'from_scratch' must be bool"):
+        load_recipe(path, ["from_scratch=maybe"])

@@ -240,3 +240,48 @@ def test_from_scratch(architecture, converted_source, tiny_source, converted, ti
     start = (model.state_dict() if architecture == "vanilla" else
              AutoModelForCausalLM.from_pretrained(converted("llama"), trust_remote_code=True).state_dict())
     assert layer_distance(runs["false"], start, name) < 0.3
+
+
+def test_compiled_decoders_give_the_eager_run(tiny_source, tiny_data, tmp_path, run_cli):
+    """`compile=true` (the GPU recipe's setting) on the CPU: the same loss curve as the eager loop."""
+    source, _ = tiny_source("llama")
+    curves = {}
+    for compiled in ("true", "false"):
+        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / compiled, compile=compiled,
+                                                               max_steps=3, save_every=3, eval_every=3))
+        assert result.exit_code == 0, result.output
+        curves[compiled] = losses(tmp_path / compiled)
+    torch.testing.assert_close(torch.tensor(curves["true"]), torch.tensor(curves["false"]), rtol=1e-4, atol=0)
+
+
+def test_mfu_is_logged_where_the_card_is_known(tiny_source, tiny_data, tmp_path, run_cli, monkeypatch):
+    """On a GPU with a known peak the log carries MFU = step tokens/s x FLOPs per token / peak (per process)."""
+    import uptrain.train
+    from transformers import AutoModelForCausalLM
+
+    from uptrain.flops import training_flops_per_token
+
+    monkeypatch.setattr(uptrain.train, "peak_flops", lambda device: 1e9)
+    source, _ = tiny_source("llama")
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, max_steps=2, save_every=2))
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", trust_remote_code=True)
+    flops = training_flops_per_token(model, 64)["total"]
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["train/mfu"] == pytest.approx(record["train/step_tokens_per_s"] * flops / 1e9)
+        assert record["train/step_tokens_per_s"] == pytest.approx(8 * 64 / record["train/step_seconds"])
+
+
+def test_an_unknown_head_falls_back_to_full_logits(tiny_source, tiny_data, tmp_path, run_cli, monkeypatch):
+    from uptrain import architectures
+
+    monkeypatch.delitem(architectures.LOGIT_TRANSFORMS, "granite")  # granite divides its logits by 2
+    source, _ = tiny_source("granite")
+    with pytest.warns(UserWarning, match="fast_loss is off: the model's final states through its LM head differ"):
+        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / "a", max_steps=2, save_every=2))
+    assert result.exit_code == 0, result.output
+    plain = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / "b", max_steps=2, save_every=2,
+                                                          fast_loss="false"))
+    assert plain.exit_code == 0, plain.output
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # trained on full logits, not on a wrong head

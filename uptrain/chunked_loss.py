@@ -9,7 +9,7 @@ cross-entropy and of cut-cross-entropy, in plain PyTorch). The matmul work is th
 one head product forward, two backward.
 
 The loss of a chunk is any function of its float32 logits (cross-entropy, distillation KL), and the
-architecture's logit transform (a scale, a soft cap) is applied inside it, so autograd differentiates
+architecture's logit transform (a scale, a soft cap) is applied inside it, so `torch.func` differentiates
 through it; see `architectures.logit_transform`.
 """
 
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 # head products stay large enough to run at full speed.
 DEFAULT_CHUNK_ROWS = 8192
 
-# chunk_loss(logits (C, V) float32, start, end) -> (loss sum to differentiate, sum to report without gradient)
-ChunkLoss = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+# chunk_loss(logits (C, V) float32, *row_inputs[start:end]) -> (loss sum to differentiate, a sum to report)
+ChunkLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -33,10 +33,24 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+class ChunkGradient:
+    """(gradient w.r.t. the logits, (loss, reported)) of a chunk loss; built once per run, so that the
+    compiled version (one fused kernel for softmax, loss and gradient instead of several passes over the
+    chunk's logits) is compiled once, not at every step."""
+
+    def __init__(self, chunk_loss: ChunkLoss, compile: bool = False):
+        self.function = torch.func.grad_and_value(chunk_loss, has_aux=True)
+        if compile:
+            self.function = torch.compile(self.function)
+
+    def __call__(self, logits, *row_inputs):
+        return self.function(logits, *row_inputs)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk_loss: ChunkLoss, chunk_rows: int):
-        # hidden (R, D), weight (V, D), bias (V,) or None
+    def forward(ctx, hidden, weight, bias, gradient: ChunkGradient, chunk_rows: int, *row_inputs):
+        # hidden (R, D), weight (V, D), bias (V,) or None, row_inputs (R, ...) each
         dtype = _compute_dtype(hidden.device, weight.dtype)
         h, w = hidden.detach().to(dtype), weight.detach().to(dtype)
         b = None if bias is None else bias.detach().to(dtype)
@@ -50,12 +64,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 end = min(start + chunk_rows, h.shape[0])
                 h_chunk = h[start:end]  # (C, D)
                 logits = h_chunk @ w.T if b is None else torch.addmm(b, h_chunk, w.T)  # (C, V)
-                with torch.enable_grad():
-                    logits = logits.float().requires_grad_()
-                    chunk, reported = chunk_loss(logits, start, end)
-                    (grad_logits,) = torch.autograd.grad(chunk, logits)
-                loss += chunk.detach()
-                report += reported.detach()
+                grad_logits, (chunk, reported) = gradient(logits.float(), *(t[start:end] for t in row_inputs))
+                loss += chunk
+                report += reported
                 grad_logits = grad_logits.to(dtype)  # (C, V)
                 torch.mm(grad_logits, w, out=grad_hidden[start:end])
                 grad_weight += grad_logits.T @ h_chunk
@@ -63,6 +74,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     grad_bias += grad_logits.float().sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.inputs = len(row_inputs)
         ctx.mark_non_differentiable(report)
         return loss, report
 
@@ -73,46 +85,45 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_hidden = (grad_hidden * grad_loss).to(hidden_dtype)
         grad_weight = (grad_weight * grad_loss).to(weight_dtype)
         grad_bias = None if grad_bias is None else (grad_bias * grad_loss).to(weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, *([None] * ctx.inputs)
 
 
-def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_loss: ChunkLoss,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum, reported sum) of `chunk_loss` over the head's logits `hidden @ weight.T + bias`, chunk by chunk.
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gradient: ChunkGradient,
+                      row_inputs: tuple[torch.Tensor, ...], chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    """(loss sum, reported sum) of a chunk loss over the head's logits `hidden @ weight.T + bias`, chunk by chunk.
 
-    hidden (R, D) final states, weight (V, D), bias (V,) or None. Gradients reach hidden, weight and bias.
+    hidden (R, D) final states, weight (V, D), bias (V,) or None; `row_inputs` (R, ...) tensors (labels, a
+    teacher's states) are cut into the same chunks. Gradients reach hidden, weight and bias.
     """
-    return _ChunkedHeadLoss.apply(hidden, weight, bias, chunk_loss, chunk_rows)
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, gradient, chunk_rows, *row_inputs)
 
 
-def cross_entropy_chunks(labels: torch.Tensor, transform: Callable = lambda z: z) -> ChunkLoss:
-    """Summed cross-entropy against `labels` (R,); -100 is ignored. Reports the same sum."""
+def cross_entropy_chunks(transform: Callable = lambda z: z) -> ChunkLoss:
+    """chunk loss (logits, labels) -> summed cross-entropy, -100 ignored; reports the same sum."""
 
-    def loss(logits, start, end):
-        total = F.cross_entropy(transform(logits), labels[start:end], ignore_index=-100, reduction="sum")
+    def loss(logits, labels):
+        total = F.cross_entropy(transform(logits), labels, ignore_index=-100, reduction="sum")
         return total, total
 
     return loss
 
 
-def distillation_chunks(labels: torch.Tensor, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
-                        teacher_bias: torch.Tensor | None, weight: float, temperature: float,
-                        transform: Callable = lambda z: z, teacher_transform: Callable = lambda z: z) -> ChunkLoss:
-    """Summed (1-w) * CE + w * T^2 * KL(teacher || student) at temperature T; reports the summed CE.
+def distillation_chunks(teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None, weight: float,
+                        temperature: float, transform: Callable = lambda z: z,
+                        teacher_transform: Callable = lambda z: z) -> ChunkLoss:
+    """chunk loss (logits, labels, teacher states) -> summed (1-w) * CE + w * T^2 * KL(teacher || student) at
+    temperature T; reports the summed CE.
 
-    The teacher's logits are made chunk by chunk too, from its final states (R, D) and its head, without
-    gradients, so neither model's full logits exist at once.
-    """
+    The teacher's logits are made chunk by chunk too, from its final states and its (frozen) head, so
+    neither model's full logits exist at once."""
 
-    def loss(logits, start, end):
+    def loss(logits, labels, teacher_states):
         student = transform(logits)  # (C, V)
-        with torch.no_grad():
-            t_hidden = teacher_hidden[start:end].to(teacher_weight.dtype)
-            t_logits = t_hidden @ teacher_weight.T if teacher_bias is None else torch.addmm(teacher_bias, t_hidden, teacher_weight.T)
-            log_teacher = F.log_softmax(teacher_transform(t_logits.float()) / temperature, dim=-1)
-        ce = F.cross_entropy(student, labels[start:end], ignore_index=-100, reduction="sum")
+        t_logits = F.linear(teacher_states.to(teacher_weight.dtype), teacher_weight, teacher_bias)
+        log_teacher = F.log_softmax(teacher_transform(t_logits.float()) / temperature, dim=-1)
+        ce = F.cross_entropy(student, labels, ignore_index=-100, reduction="sum")
         log_student = F.log_softmax(student / temperature, dim=-1)
         kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
-        return (1 - weight) * ce + weight * temperature**2 * kl, ce.detach()
+        return (1 - weight) * ce + weight * temperature**2 * kl, ce
 
     return loss

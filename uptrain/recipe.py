@@ -65,7 +65,7 @@ class Recipe:
     resume: str = "auto"  # auto | none | a checkpoint folder
     tracker: str = "tensorboard"
     fast_loss: bool = True  # LM head + loss in row chunks, never the full logits (false: the plain path)
-    compile: bool = False  # torch.compile each decoder layer (worth it on a GPU; compiling takes a minute)
+    compile: bool = False  # torch.compile both decoder stacks (worth it on a GPU; compiling takes a minute or two)
     distill: DistillSection = field(default_factory=DistillSection)
 
     def total_steps(self) -> int:

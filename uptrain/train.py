@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .flops import peak_flops, training_flops_per_token
-from .objective import NextTokenObjective, compile_layers, head_mismatch, is_block_model
+from .objective import NextTokenObjective, compile_decoders, head_mismatch, is_block_model
 from .recipe import Recipe, dump_recipe
+from .window_attention import use_window_attention
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -175,10 +176,11 @@ class Trainer:
             dtype = HALF_PRECISION.get(recipe.precision, torch.float32) if on_gpu else torch.float32
             teacher = teacher.to(device=self.accelerator.device, dtype=dtype)
         self.flops_per_token = training_flops_per_token(model, recipe.seq_len)["total"]
+        use_window_attention(model)
         if recipe.compile:
-            compile_layers(model)
+            compile_decoders(model)
         objective = NextTokenObjective(model, fast=fast, teacher=teacher, distill_weight=recipe.distill.weight,
-                                       temperature=recipe.distill.temperature)
+                                       temperature=recipe.distill.temperature, compile_loss=recipe.compile)
         fused = self.accelerator.device.type == "cuda"  # the same update as the per-tensor loop, in one kernel
         optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas),
                                       fused=fused or None)
