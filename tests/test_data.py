@@ -114,7 +114,8 @@ def test_txt_paragraphs_are_documents(tmp_path, tokenizer, corpus):
     assert manifest == json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["format"] == "block-uptrain-tokens/1" and manifest["dtype"] == "uint16"
     assert manifest["tokenizer"] == {
-        "name": "tiny", "sha256": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer), "eos_token_id": eos
+        "name": "tiny", "sha256": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer), "eos_token_id": eos,
+        "bos_token_id": tokenizer.bos_token_id,
     }
     assert manifest["splits"]["train"] == {
         "shards": [{"file": "train-00000.bin", "tokens": len(tokens)}], "tokens": len(tokens), "documents": 3
@@ -291,8 +292,14 @@ def test_tokenizer_fingerprint(tmp_path, tokenizer, packed):
     other = tiny_tokenizer()
     other.add_tokens(["<extra>"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
-    with pytest.raises(UserError, match="another tokenizer"):
+    size = len(tokenizer)
+    with pytest.raises(UserError, match=rf"another tokenizer .*\(vocab {size} in the data, {size + 1} in the model\)"):
         check_tokenizer(packed, other)
+
+    shifted = tiny_tokenizer()
+    shifted.eos_token = "<pad>"  # same vocabulary, another EOS id: what two transformers versions once did
+    with pytest.raises(UserError, match=r"\(EOS id 2 in the data, 3 in the model\)"):
+        check_tokenizer(packed, shifted)
 
 
 # ----------------------------------------------------------------------------------------------------------

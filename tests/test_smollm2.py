@@ -86,3 +86,31 @@ def test_generation_matches_teacher_forcing_on_real_weights(smollm2, converted_b
     for i, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=new, do_sample=False, eos_token_id=None)
         assert torch.equal(batch[i, width:], alone[0, len(prompt) :]), i
+
+
+def test_gguf_special_tokens_come_from_its_header(smollm2, monkeypatch):
+    """The GGUF header's special ids win over what a transformers version reads: 5.17 gave SmolLM2's EOS as
+    id 1 (<|im_start|>), 5.24 as 2 (<|im_end|>, the header's). Simulated here by a reader that gets it wrong."""
+    from gguf import GGUFReader
+
+    import transformers
+
+    from uptrain.sources import load_tokenizer, resolve
+
+    gguf = smollm2[0]
+    fields = GGUFReader(str(gguf)).fields
+    header = {key: int(fields[f"tokenizer.ggml.{key}"].contents()) for key in ("bos_token_id", "eos_token_id",
+                                                                               "padding_token_id")}
+    assert header == {"bos_token_id": 1, "eos_token_id": 2, "padding_token_id": 2}
+
+    reading = transformers.AutoTokenizer.from_pretrained
+
+    def as_transformers_5_17(*args, **kwargs):
+        tokenizer = reading(*args, **kwargs)
+        tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", as_transformers_5_17)
+    tokenizer = load_tokenizer(resolve(str(gguf)))
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert tokenizer.eos_token == "<|im_end|>"

@@ -98,6 +98,7 @@ def prepare(
                 "sha256": tokenizer_fingerprint(tokenizer),
                 "vocab_size": vocab_size,
                 "eos_token_id": eos,
+                "bos_token_id": tokenizer.bos_token_id,
             },
             "dtype": {2: "uint16", 4: "uint32"}[dtype.itemsize],
             "splits": {s: writer.record() for s, writer in writers.items()},
@@ -316,14 +317,20 @@ def load_manifest(data_dir: str | Path, split: str | None = None) -> dict:
 
 
 def check_tokenizer(data_dir: str | Path, tokenizer, model_name: str = "the model") -> None:
-    """Refuse to train a model on tokens written by a different tokenizer; the message names both."""
+    """Refuse to train a model on tokens written by a different tokenizer; the message names both and
+    what differs (vocabulary, EOS or BOS id)."""
     recorded = load_manifest(data_dir)["tokenizer"]
-    if recorded["sha256"] != tokenizer_fingerprint(tokenizer):
-        raise UserError(
-            f"{data_dir} was tokenized with another tokenizer ({recorded['name'] or 'unnamed'}, "
-            f"vocab {recorded['vocab_size']}) than {model_name}'s (vocab {len(tokenizer)}): "
-            "prepare it again with the model's tokenizer"
-        )
+    if recorded["sha256"] == tokenizer_fingerprint(tokenizer):
+        return
+    ours = {"vocab": len(tokenizer), "EOS id": tokenizer.eos_token_id, "BOS id": tokenizer.bos_token_id}
+    theirs = {"vocab": recorded["vocab_size"], "EOS id": recorded.get("eos_token_id"),
+              "BOS id": recorded.get("bos_token_id", ours["BOS id"])}  # older manifests recorded no BOS id
+    differences = [f"{key} {theirs[key]} in the data, {ours[key]} in the model" for key in ours if theirs[key] != ours[key]]
+    what = ", ".join(differences) or "same sizes and special ids, different vocabulary entries"
+    raise UserError(
+        f"{data_dir} was tokenized with another tokenizer ({recorded['name'] or 'unnamed'}) than {model_name}'s "
+        f"({what}): prepare it again with the model's tokenizer"
+    )
 
 
 def sample_indices(step: int, global_batch_size: int, rank: int, world_size: int) -> list[int]:

@@ -92,13 +92,42 @@ def load_model(source: Source, dtype: str = "auto"):
 
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     """The source's tokenizer, or None when it has none. Our own folders need `trust_remote_code`, since
-    their config maps to the shipped model code."""
+    their config maps to the shipped model code. A GGUF file's special tokens are taken from its header."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **source.kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **source.kwargs)
     except Exception:
         return None
+    if source.gguf_file and source.is_local:
+        set_special_tokens(tokenizer, gguf_special_token_ids(Path(source.location) / source.gguf_file))
+    return tokenizer
+
+
+# GGUF header keys of the special-token ids, by the tokenizer attribute they set.
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """{"eos_token": id, ...} as the GGUF file's header states them.
+
+    transformers' GGUF tokenizer reading differs between versions (5.17 gives SmolLM2's EOS as id 1, 5.24
+    as id 2, the header's), and a token folder prepared under one would be refused under the other."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    return {name: int(fields[key].contents()) for name, key in GGUF_SPECIAL_TOKENS.items() if key in fields}
+
+
+def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:
+    for name, token_id in ids.items():
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
 
 
 def fingerprint(source: Source) -> dict:
