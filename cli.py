@@ -124,6 +124,7 @@ def evaluate(
     from uptrain.data import tokenizer_fingerprint
     from uptrain.evaluate import format_table, read_documents, score, text_windows
     from uptrain.inference import is_block_transformer, load_for_inference
+    from uptrain.sources import public_spec
 
     documents = read_documents(data)
     loaded, tokenizer = load_for_inference(model, device, dtype)
@@ -135,13 +136,16 @@ def evaluate(
             raise UserError(f"{baseline} has another tokenizer than {model}: their losses are not comparable")
         results["baseline"] = score(other, other_tokenizer, windows, batch_size, label=baseline)
     typer.echo(format_table({model if key == "model" else baseline: value for key, value in results.items()}))
-    settings = {"model": model, "baseline": baseline, "data": data, "seq_len": seq_len, "windows": len(windows),
-                "labels": {"model": "this model", "baseline": f"baseline: {baseline}"}}
-    report = json.dumps({**results, "settings": settings}, indent=2) + "\n"
+    def report(name):  # name: how the models and data are named (`public_spec` in a published record)
+        settings = {"model": name(model), "baseline": name(baseline), "data": [name(d) for d in data],
+                    "seq_len": seq_len, "windows": len(windows),
+                    "labels": {"model": "this model", "baseline": f"baseline: {name(baseline)}"}}
+        return json.dumps({**results, "settings": settings}, indent=2) + "\n"
+
     if output is not None:
-        output.write_text(report)
-    if is_block_transformer(model):  # the card (`uptrain push`) shows the latest results
-        (Path(model) / "eval_results.json").write_text(report)
+        output.write_text(report(lambda spec: spec))
+    if is_block_transformer(model):  # the card (`uptrain push`) shows the latest results; no local paths in it
+        (Path(model) / "eval_results.json").write_text(report(public_spec))
 
 
 @app.command()

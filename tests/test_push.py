@@ -105,3 +105,53 @@ def test_push_errors_are_one_line_and_never_show_the_token(model_with_license, h
         result = run_cli("push", model_with_license, bad, "--token", TOKEN)
         assert result.exit_code == 1 and "invalid repository id" in result.stderr
     assert len(hub.requests) == requests  # refused before asking the Hub anything
+
+
+def test_published_files_name_no_local_paths(licensed_source, run_cli, tmp_path):
+    """A model converted, uptrained and evaluated from local folders names them in its card and records by
+    their folder or file names only: pushing it publishes no path of the machine it was made on."""
+    from test_train import TINY_RECIPE, corpus_file, tiny_overrides
+
+    from families import tiny_tokenizer
+    from uptrain.data import prepare
+
+    prepare(str(corpus_file(tmp_path / "corpus.txt", documents=60)), tmp_path / "tokens", tiny_tokenizer(),
+            val_fraction=0.1, tokenizer_name="tiny")
+    run = tmp_path / "run"
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(licensed_source, tmp_path / "tokens", run, max_steps=2,
+                                                           save_every=2, eval_every=2))
+    assert result.exit_code == 0, result.output
+    final = run / "final"
+    result = run_cli("eval", final, "--data", SAMPLE, "--baseline", licensed_source, "--seq-len", 64, "--max-windows", 2)
+    assert result.exit_code == 0, result.output
+    assert run_cli("push", final, "someone/x", "--dry-run").exit_code == 0  # writes the card from the records
+
+    local_roots = [str(tmp_path), str(Path(tmp_path).resolve()), str(SAMPLE.parent.resolve())]
+    for folder in (run / "converted", final):
+        for path in folder.iterdir():
+            if path.suffix in (".md", ".json", ".yaml"):
+                text = path.read_text()
+                assert not any(root in text for root in local_roots), f"{path.name} names a local path"
+    assert "`licensed-source`" in (final / "README.md").read_text()
+    assert "source: licensed-source" in (final / "recipe.yaml").read_text()
+    assert "sample.txt" in (final / "eval_results.json").read_text()
+
+
+def test_distilling_into_a_locally_converted_folder_needs_the_teacher_named(licensed_source, run_cli, tmp_path):
+    """Records name a local source without its path, so the default teacher cannot be found from them."""
+    from test_train import TINY_RECIPE, corpus_file, tiny_overrides
+
+    from families import tiny_tokenizer
+    from uptrain.data import prepare
+
+    model = tmp_path / "model"
+    assert run_cli("convert", licensed_source, model).exit_code == 0
+    prepare(str(corpus_file(tmp_path / "corpus.txt", documents=60)), tmp_path / "tokens", tiny_tokenizer(),
+            val_fraction=0.1, tokenizer_name="tiny")
+    settings = tiny_overrides(model, tmp_path / "tokens", tmp_path / "run", max_steps=2, save_every=2)
+    result = run_cli("train", TINY_RECIPE, *settings, "distill.enabled=true")
+    assert result.exit_code == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert "converted from a local model (licensed-source)" in message and "set distill.teacher" in message
+    result = run_cli("train", TINY_RECIPE, *settings, "distill.enabled=true", f"distill.teacher={licensed_source}")
+    assert result.exit_code == 0, result.output

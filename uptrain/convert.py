@@ -194,7 +194,7 @@ def conversion_record(source: Source, options: ConvertOptions, config: BlockTran
     import transformers
 
     return {
-        "source": source.spec,
+        "source": source.public_name,  # never a local path: the record is published with the model
         "source_fingerprint": fingerprint(source),
         **card_metadata(source),
         "source_model_type": config.token_decoder.model_type,

@@ -167,5 +167,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate(_build(Recipe, values))
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def dump_recipe(recipe: Recipe, public: bool = False) -> str:
+    """The recipe as YAML; `public`: as published beside a model, local paths cut to their last component."""
+    return yaml.safe_dump(public_recipe(recipe) if public else recipe.to_dict(), sort_keys=False)
+
+
+def public_recipe(recipe: Recipe) -> dict:
+    """The recipe's values with every local path (source, data, output folder, resume point, teacher) reduced
+    to its name; hub ids and keywords (`default`, `auto`, `none`) stay as they are."""
+    from .sources import public_spec
+
+    values = recipe.to_dict()
+    for key in ("source", "data", "output_dir", "resume"):
+        values[key] = public_spec(values[key])
+    values["distill"]["teacher"] = public_spec(values["distill"]["teacher"])
+    return values

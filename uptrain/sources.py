@@ -26,6 +26,14 @@ class Source:
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
+    @property
+    def public_name(self) -> str:
+        """How records and model cards name the source: a hub id as it is, a local source by its folder or
+        GGUF file name only, so that publishing a model never publishes a path of the machine it was made on."""
+        if not self.is_local:
+            return self.location
+        return self.gguf_file or Path(self.location).resolve().name
+
 
 def resolve(spec: str, gguf_file: str | None = None) -> Source:
     """Turn what the user typed into a Source, or fail with a clear message."""
@@ -51,6 +59,15 @@ def resolve(spec: str, gguf_file: str | None = None) -> Source:
     if looks_local or not HUB_ID.match(spec):
         raise UserError(f"source not found: {spec}")
     return Source(spec, spec, gguf_file, is_local=False)
+
+
+def public_spec(spec: str | None) -> str | None:
+    """`spec` as a published record may show it: a local path cut to its last component (a file or folder
+    name); hub ids, keywords (`default`, `auto`, `none`) and anything not on this machine stay as they are."""
+    if spec is None or spec in ("default", "auto", "none"):
+        return spec
+    path = Path(spec).expanduser()
+    return path.resolve().name if path.is_absolute() or path.exists() else spec
 
 
 def require_gguf(source: Source) -> None:
@@ -131,7 +148,8 @@ def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:
 
 
 def fingerprint(source: Source) -> dict:
-    """What identifies the exact source: file hashes for local files, the commit for hub models."""
+    """What identifies the exact source: its name and file hashes for local files (no path), the commit for
+    hub models."""
     if not source.is_local:
         from huggingface_hub import try_to_load_from_cache
 
@@ -142,7 +160,7 @@ def fingerprint(source: Source) -> dict:
     names = [source.gguf_file] if source.gguf_file else sorted(
         p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()
     )
-    return {"path": str(folder.resolve()), "sha256": {name: _sha256(folder / name) for name in names}}
+    return {"name": source.public_name, "sha256": {name: _sha256(folder / name) for name in names}}
 
 
 def card_metadata(source: Source) -> dict:

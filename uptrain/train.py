@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .flops import peak_flops, training_flops_per_token
 from .objective import NextTokenObjective, compile_decoders, head_mismatch, is_block_model
-from .recipe import Recipe, dump_recipe
+from .recipe import Recipe, dump_recipe, public_recipe
 from .window_attention import use_window_attention
 
 CHECKPOINTS = "checkpoints"
@@ -203,13 +203,23 @@ class Trainer:
         return True
 
     def load_teacher(self):
-        """The frozen teacher (default: the vanilla source), float32 on the CPU."""
+        """The frozen teacher, float32 on the CPU. Default: the vanilla source, which is the recipe's `source`
+        unless that is a converted folder; then its conversion record names the source, found again only
+        when it is a hub id (records name a local source without its path)."""
+        from .inference import is_block_transformer
         from .sources import load_model, resolve
 
         spec = self.recipe.distill.teacher
+        if spec is None and not is_block_transformer(self.recipe.source):
+            spec = self.recipe.source
         if spec is None:
-            record = Path(self.model_dir) / "conversion.json"
-            spec = json.loads(record.read_text())["source"] if record.is_file() else self.recipe.source
+            record_path = Path(self.recipe.source) / "conversion.json"
+            record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            if "hub_id" not in record.get("source_fingerprint", {}):
+                named = f" ({record['source']})" if record.get("source") else ""
+                raise UserError(f"distillation needs its teacher: {self.recipe.source} was converted from a local "
+                                f"model{named}; set distill.teacher to that model's path")
+            spec = record["source"]
         return load_model(resolve(spec), "float32").eval().requires_grad_(False)
 
     @property
@@ -315,14 +325,14 @@ class Trainer:
                         folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
                         generation_config=getattr(model, "generation_config", None),
                         card=model_card(model.config.to_dict(), records.get("conversion.json"), training=facts,
-                                        recipe=self.recipe.to_dict()),
+                                        recipe=public_recipe(self.recipe)),
                         records=records,
                     )
                 else:
                     model.save_pretrained(folder)
                     self.tokenizer.save_pretrained(folder)
                     (folder / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
-                (folder / "recipe.yaml").write_text(dump_recipe(self.recipe))
+                (folder / "recipe.yaml").write_text(dump_recipe(self.recipe, public=True))
         self.accelerator.wait_for_everyone()
         return out
 
