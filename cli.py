@@ -136,6 +136,7 @@ def evaluate(
             raise UserError(f"{baseline} has another tokenizer than {model}: their losses are not comparable")
         results["baseline"] = score(other, other_tokenizer, windows, batch_size, label=baseline)
     typer.echo(format_table({model if key == "model" else baseline: value for key, value in results.items()}))
+
     def report(name):  # name: how the models and data are named (`public_spec` in a published record)
         settings = {"model": name(model), "baseline": name(baseline), "data": [name(d) for d in data],
                     "seq_len": seq_len, "windows": len(windows),

@@ -107,7 +107,7 @@ def run_variant(name: str, overrides: dict, sources: dict, data: Path, work: Pat
     median = statistics.median(timed)
     peak = peak_flops(device)
     result = {
-        "variant": name, **{k: v for k, v in overrides.items()}, "global_batch_size": recipe.global_batch_size,
+        "variant": name, **overrides, "global_batch_size": recipe.global_batch_size,
         "seq_len": recipe.seq_len, "tokens_per_step": tokens, "step_seconds_median": median,
         "step_seconds": timed, "warmup_seconds": times[:warmup], "tokens_per_s": tokens / median,
         "flops_per_token": trainer.flops_per_token, "mfu": tokens / median * trainer.flops_per_token / peak if peak else None,
