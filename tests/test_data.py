@@ -361,10 +361,12 @@ def test_loader_errors(tmp_path, tokenizer):
 
 
 def test_works_without_datasets(tmp_path):
-    """Training machines may lack `datasets`: text corpora and the loader must not need it. (A stand-in
-    tokenizer keeps transformers out of the subprocess, which would take seconds to import.)"""
+    """Training machines may lack `datasets`: text and JSON-lines corpora and the loader must not need it;
+    parquet says what it needs. (A stand-in tokenizer keeps transformers out of the subprocess, which would
+    take seconds to import.)"""
     source = write_paragraphs(tmp_path / "corpus.txt", ["one", "two"])
-    write_jsonl(tmp_path / "rows.jsonl", [{"text": "three"}])
+    write_jsonl(tmp_path / "rows.jsonl", [{"text": "three"}, {"text": "four"}])
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
     script = """
 import sys
 sys.modules["datasets"] = None  # import datasets now fails
@@ -379,17 +381,30 @@ class Letters:  # the interface prepare uses: one id per letter, EOS 0
 
 prepare(sys.argv[1], sys.argv[3], Letters(), val_fraction=0)
 print(TokenData(sys.argv[3], "train").read(0, 8).tolist())
+prepare(sys.argv[2], sys.argv[3] + "-jsonl", Letters(), val_fraction=0)
+print(TokenData(sys.argv[3] + "-jsonl", "train").read(0, 11).tolist())
 try:
-    prepare(sys.argv[2], sys.argv[3] + "-json", Letters())
+    prepare(sys.argv[4], sys.argv[3] + "-parquet", Letters())
 except UserError as error:
     print(error)
 """
     result = subprocess.run(
-        [sys.executable, "-c", script, source, tmp_path / "rows.jsonl", tmp_path / "data"],
+        [sys.executable, "-c", script, source, tmp_path / "rows.jsonl", tmp_path / "data", tmp_path / "rows.parquet"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "[15, 14, 5, 0, 20, 23, 15, 0]",  # "one", EOS, "two", EOS
-        f"reading {tmp_path / 'rows.jsonl'} needs the datasets package: pip install datasets",
+        "[20, 8, 18, 5, 5, 0, 6, 15, 21, 18, 0]",  # "three", EOS, "four", EOS
+        f"reading {tmp_path / 'rows.parquet'} needs the datasets package: pip install datasets",
     ]
+
+
+def test_malformed_json_lines(tmp_path, tokenizer):
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"text": "fine"}\n\n{"text": broken}\n')
+    with pytest.raises(UserError, match=r"rows.jsonl: line 3 is not JSON"):
+        prepare(source, tmp_path / "out", tokenizer)
+    source.write_text('["a list"]\n')
+    with pytest.raises(UserError, match=r"have no field 'text'; their fields are: list"):
+        prepare(source, tmp_path / "out", tokenizer)

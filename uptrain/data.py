@@ -27,7 +27,7 @@ from .export import staged_folder
 
 FORMAT = "block-uptrain-tokens/1"
 SPLITS = ("train", "val")
-KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> reader
+KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}  # suffix -> reader
 FILE_TYPES = ".txt, .jsonl, .json or .parquet"
 GLOB_CHARS = "*?["
 TOKENIZE_BATCH = 1000  # documents per tokenizer call: fast (batched) yet memory-bounded
@@ -237,9 +237,29 @@ def _file_texts(kind: str, files: list[Path], text_field: str) -> Iterator[str]:
         for path in files:
             yield from _paragraphs(path)
         return
+    if kind == "jsonl":  # read here, not through `datasets`, which training machines may lack
+        for path in files:
+            yield from _json_lines(path, text_field)
+        return
     what = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more {kind} files)"
     data_files = [str(p) for p in files]
     yield from _dataset_texts(what, text_field, kind, data_files=data_files, split="train")
+
+
+def _json_lines(path: Path, text_field: str) -> Iterator:
+    """`text_field` of each row of a JSON-lines file (blank lines skipped)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"cannot read {path}: line {number} is not JSON ({error.msg})") from None
+            if not isinstance(row, dict) or text_field not in row:
+                fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"rows of {path} have no field '{text_field}'; their fields are: {fields}")
+            yield row[text_field]
 
 
 def _paragraphs(path: Path) -> Iterator[str]:
