@@ -285,3 +285,34 @@ def test_an_unknown_head_falls_back_to_full_logits(tiny_source, tiny_data, tmp_p
                                                           fast_loss="false"))
     assert plain.exit_code == 0, plain.output
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # trained on full logits, not on a wrong head
+
+
+def test_new_parts_first_keeps_the_source_layers_still(tiny_source, tiny_data, tmp_path, run_cli):
+    """For `new_parts_first` steps only the parts the conversion created move; then everything trains."""
+    source, _ = tiny_source("llama")
+    out = tmp_path / "run"
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, out, max_steps=5, save_every=3,
+                                                             new_parts_first=3, warmup_steps=1))
+    assert result.exit_code == 0, result.output
+    converted = {}
+    for path in (out / "converted").glob("*.safetensors"):
+        converted.update(load_file(path))
+    after_freeze = load_file(out / "checkpoints" / "step-00000003" / "model.safetensors")
+    final = final_weights(out)
+    created = ("embedder_projection", "expansion", "start_context")
+    for name, start in converted.items():
+        frozen = after_freeze[f"model.{name}"]
+        if name.startswith(created):
+            assert not torch.equal(frozen, start), name
+        else:
+            assert torch.equal(frozen, start), name
+    moved = [name for name in converted if not name.startswith(created) and not torch.equal(final[name], converted[name])]
+    assert len(moved) > len(converted) // 2
+
+
+def test_new_parts_first_is_checked(tiny_source, tiny_data, tmp_path, run_cli):
+    source, _ = tiny_source("llama")
+    for extra, message in (({"new_parts_first": 12}, "below the run's steps"),
+                           ({"new_parts_first": 2, "architecture": "vanilla"}, "block uptraining only")):
+        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / "x", **extra))
+        assert result.exit_code != 0 and message in result.output, result.output

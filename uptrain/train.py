@@ -7,6 +7,7 @@ the vanilla `source` itself (pretrained or from scratch); `objective.NextTokenOb
 """
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -30,6 +31,7 @@ LOG_FILE = "train_log.jsonl"  # one line per step: loss, lr, tokens/s, held-out 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the teacher's dtype on a GPU
 HEAD_CHECK_TOLERANCE = 1e-3  # relative: the fast loss must rebuild the model's own logits in float32
+CREATED_BY_CONVERSION = ("embedder_projection", "expansion", "start_context")  # the rest is copied from the source
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -41,12 +43,28 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases, or the start context)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+    """Weight decay on matrices only (not on norms, biases, or the start context); the parts a conversion
+    creates (`created`: True) apart from those it copies from the source, so that their schedules can differ."""
+    groups = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            created = is_block_model(model) and name.split(".")[0] in CREATED_BY_CONVERSION
+            decay = weight_decay if param.dim() >= 2 else 0.0
+            groups.setdefault((created, decay), {"params": [], "weight_decay": decay, "created": created})
+            groups[(created, decay)]["params"].append(param)
+    return list(groups.values())
+
+
+def group_lr_factor(created: bool, step: int, recipe: Recipe, total: int) -> float:
+    """The learning-rate factor of a parameter group. With `new_parts_first: K`, the layers copied from the
+    source stay still for K steps (factor 0) while the new parts learn, then warm up again on the rest of
+    the schedule; without it every group follows one schedule."""
+    frozen = recipe.new_parts_first
+    if created or frozen == 0:
+        return lr_factor(step, recipe.warmup_steps, total, recipe.min_lr_ratio)
+    if step < frozen:
+        return 0.0
+    return lr_factor(step - frozen, recipe.warmup_steps, total - frozen, recipe.min_lr_ratio)
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -184,9 +202,10 @@ class Trainer:
         fused = self.accelerator.device.type == "cuda"  # the same update as the per-tensor loop, in one kernel
         optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas),
                                       fused=fused or None)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, recipe.warmup_steps, self.total_steps, recipe.min_lr_ratio)
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            functools.partial(group_lr_factor, group["created"], recipe=recipe, total=self.total_steps)
+            for group in optimizer.param_groups
+        ])
         self.model, self.optimizer, self.schedule = self.accelerator.prepare(objective, optimizer, schedule)
 
     def fast_loss_rebuilds_logits(self, model, teacher) -> bool:
