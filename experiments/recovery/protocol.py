@@ -36,7 +36,7 @@ RUNS = {
     "block-scratch": ("block-scratch.yaml", {}),
     "uptrain-ce": ("uptrain.yaml", {}),
     "uptrain-distill": ("uptrain.yaml", {"distill.enabled": "true"}),
-    "uptrain-new-parts-first": ("uptrain.yaml", {"new_parts_first": 20}),
+    "uptrain-new-parts-first": ("uptrain.yaml", {"new_parts_first": 12}),
     "uptrain-skip": ("uptrain.yaml", {"convert.method": "skip"}),
     "vanilla-continued": ("uptrain.yaml", {"architecture": "vanilla"}),  # the same N/10 steps for the source
 }
@@ -75,21 +75,23 @@ def stage_data(work: Path, corpus: Path, tokenizer: str) -> None:
         config_dir.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(config_dir)
         loaded.save_pretrained(config_dir)
-    text = work / "corpus"
-    if corpus.is_file():  # the builder's archive: train/, ood/, corpus.json
-        if not (text / "corpus.json").is_file():
-            text.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(corpus) as archive:
-                archive.extractall(text, filter="data")
-    else:
-        text = corpus
+    if corpus.is_file() and not (corpus_dir(work, corpus) / "corpus.json").is_file():  # the builder's archive
+        (work / "corpus").mkdir(parents=True, exist_ok=True)
+        with tarfile.open(corpus) as archive:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python 3.10.12+, 3.11.4+
+            archive.extractall(work / "corpus", **safe)
+    text = corpus_dir(work, corpus)
     if not (work / "tokens" / "manifest.json").is_file():
         run(uptrain("data", "prepare", text / "train", work / "tokens", "--tokenizer", config_dir,
                     "--val-fraction", "0.01", "--overwrite"), work / "logs" / "data.log")
 
 
 def corpus_dir(work: Path, corpus: Path) -> Path:
-    return work / "corpus" if corpus.is_file() else corpus
+    """The corpus folder (train/, ood/, corpus.json): `corpus` itself, or where the data stage unpacked it."""
+    if corpus.is_dir():
+        return corpus
+    unpacked = sorted((work / "corpus").glob("*/corpus.json"))
+    return unpacked[0].parent if unpacked else work / "corpus"
 
 
 def stage_train(work: Path, name: str, extra: list[str]) -> None:
@@ -154,7 +156,7 @@ def stage_bench(work: Path) -> None:
         return
     out.mkdir(exist_ok=True)
     run(uptrain("bench", work / "runs" / "uptrain-ce" / "final", "--baseline", work / "runs" / "vanilla" / "final",
-                "--scenario", "custom", "--prompt-len", 128, "--gen-len", 512, "--batch-size", "64,256",
+                "--scenario", "custom", "--prompt-len", 128, "--gen-len", 512, "--batch-size", "256",
                 "--repeats", 2, "--output", out / "decode.json"), work / "logs" / "bench.log")
 
 
