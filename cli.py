@@ -106,18 +106,22 @@ def generate(
 @reports_user_errors
 def evaluate(
     model: Annotated[str, typer.Argument(help="A converted folder, or any source convert accepts.")],
-    data: Annotated[list[str], typer.Option("--data", help="Corpus files, folders or globs (.txt, .jsonl, .json, .parquet), read as data prepare reads them; repeatable.")],
-    baseline: Annotated[str | None, typer.Option(help="A model to score on the same windows, e.g. the source.")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="Corpus files, folders or globs (.txt, .jsonl, .json, .parquet), read as data prepare reads them; repeatable.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Zero-shot tasks, comma-separated: lambada, hellaswag, piqa, arc_easy, arc_challenge, winogrande, or all.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="A model to score on the same windows and requests, e.g. the source.")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,
     max_windows: Annotated[int | None, typer.Option(help="Score at most this many windows.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows scored together.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows, or task requests, scored together.")] = 8,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
 ):
-    """Loss, perplexity and bits per byte of MODEL (and --baseline) over the same token windows.
+    """Perplexity over text (--data) and zero-shot task accuracy (--tasks) of MODEL and --baseline.
 
-    For a converted folder the results are also saved in it (eval_results.json), for its model card.
+    --data: loss, perplexity and bits per byte over the same token windows. --tasks: accuracy (and
+    length-normalised accuracy, LAMBADA's perplexity) on the same requests, scored as lm-evaluation-harness
+    scores them. For a converted folder the results are also saved in it (eval_results.json), for its model card.
     """
     import json
 
@@ -125,28 +129,57 @@ def evaluate(
     from uptrain.evaluate import format_table, read_documents, score, text_windows
     from uptrain.inference import is_block_transformer, load_for_inference
     from uptrain.sources import public_spec
+    from uptrain.tasks import PACKAGE, parse_tasks, read_requests
+    from uptrain.zero_shot import evaluate_tasks, format_task_table, merge_eval_results, task_records
 
-    documents = read_documents(data)
+    if not data and not tasks:
+        raise UserError("give --data (perplexity over text), --tasks (zero-shot accuracy), or both")
+    if limit is not None and limit < 1:
+        raise UserError("--limit must be at least 1")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    documents = read_documents(data) if data else None
+    requests = {name: read_requests(name, limit) for name in parse_tasks(tasks)} if tasks else {}
     loaded, tokenizer = load_for_inference(model, device, dtype)
-    windows = text_windows(tokenizer, documents, seq_len, max_windows)
-    results = {"model": score(loaded, tokenizer, windows, batch_size, label=model)}
+    results, task_results = {}, {}
+    if documents is not None:
+        windows = text_windows(tokenizer, documents, seq_len, max_windows)
+        results["model"] = score(loaded, tokenizer, windows, batch_size, label=model)
+    if requests:
+        task_results["model"] = evaluate_tasks(loaded, tokenizer, requests, batch_size, label=model)
     if baseline is not None:
         other, other_tokenizer = load_for_inference(baseline, device, dtype)
-        if tokenizer_fingerprint(other_tokenizer) != tokenizer_fingerprint(tokenizer):
-            raise UserError(f"{baseline} has another tokenizer than {model}: their losses are not comparable")
-        results["baseline"] = score(other, other_tokenizer, windows, batch_size, label=baseline)
-    typer.echo(format_table({model if key == "model" else baseline: value for key, value in results.items()}))
+        if documents is not None:
+            if tokenizer_fingerprint(other_tokenizer) != tokenizer_fingerprint(tokenizer):
+                raise UserError(f"{baseline} has another tokenizer than {model}: their losses are not comparable")
+            results["baseline"] = score(other, other_tokenizer, windows, batch_size, label=baseline)
+        if requests:
+            task_results["baseline"] = evaluate_tasks(other, other_tokenizer, requests, batch_size, label=baseline)
+    names = {"model": model, "baseline": baseline}
+    if results:
+        typer.echo(format_table({names[key]: value for key, value in results.items()}))
+    if task_results:
+        typer.echo(("\n" if results else "") + format_task_table({names[key]: value for key, value in task_results.items()}))
 
     def report(name):  # name: how the models and data are named (`public_spec` in a published record)
-        settings = {"model": name(model), "baseline": name(baseline), "data": [name(d) for d in data],
-                    "seq_len": seq_len, "windows": len(windows),
-                    "labels": {"model": "this model", "baseline": f"baseline: {name(baseline)}"}}
-        return json.dumps({**results, "settings": settings}, indent=2) + "\n"
+        labels = {"model": "this model", "baseline": f"baseline: {name(baseline)}"}
+        record = {}
+        if results:
+            record = {**results, "settings": {"model": name(model), "baseline": name(baseline), "data": [name(d) for d in data],
+                                              "seq_len": seq_len, "windows": len(windows), "labels": labels}}
+        if task_results:
+            settings = {"model": name(model), "baseline": name(baseline), "limit": limit, "data": PACKAGE, "labels": labels}
+            record["zero_shot"] = task_records(task_results, settings)
+        return record
 
     if output is not None:
-        output.write_text(report(lambda spec: spec))
+        output.write_text(json.dumps(report(lambda spec: spec), indent=2) + "\n")
     if is_block_transformer(model):  # the card (`uptrain push`) shows the latest results; no local paths in it
-        (Path(model) / "eval_results.json").write_text(report(public_spec))
+        path = Path(model) / "eval_results.json"
+        existing = json.loads(path.read_text()) if path.is_file() else {}
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(merge_eval_results(existing, report(public_spec)), indent=2) + "\n")
+        partial.replace(path)
 
 
 @app.command()

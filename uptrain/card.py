@@ -119,20 +119,62 @@ def _training_section(training: dict | None, recipe: dict | None) -> str:
 def _evaluation_section(evaluation: dict | None) -> str:
     if not evaluation:
         return ""
-    settings = evaluation.get("settings", {})
     lines = ["## Evaluation", ""]
+    if "model" in evaluation:
+        lines += _perplexity_lines(evaluation)
+    if evaluation.get("zero_shot"):
+        lines += _zero_shot_lines(evaluation["zero_shot"])
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _perplexity_lines(evaluation: dict) -> list[str]:
+    settings = evaluation.get("settings", {})
+    lines = []
     if settings:
         data = settings.get("data")
         data = ", ".join(map(str, data)) if isinstance(data, list) else data
-        lines += [f"Scored on {data}: {settings.get('windows')} windows of "
-                  f"{settings.get('seq_len')} tokens, the same tokens for every row.", ""]
+        lines += [(f"Scored on {data}: {settings.get('windows')} windows of "
+                   f"{settings.get('seq_len')} tokens, the same tokens for every row."), ""]
     lines += ["| | loss | perplexity | bits/byte |", "|---|---|---|---|"]
     labels = settings.get("labels", {})
     for key, result in evaluation.items():
         if isinstance(result, dict) and "loss" in result:
             name = labels.get(key, "this model" if key == "model" else key)
             lines.append(f"| {name} | {result['loss']:.4f} | {result['perplexity']:.2f} | {result['bits_per_byte']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
+
+
+# Zero-shot metrics in the order the card shows them: (key in the record, name, shown as a percentage)
+ZERO_SHOT_METRICS = [("acc", "accuracy", True), ("acc_norm", "accuracy, length-normalised", True),
+                     ("perplexity", "target-word perplexity", False)]
+
+
+def _zero_shot_lines(tasks: dict) -> list[str]:
+    baselines = sorted({str(task["settings"].get("baseline")) for task in tasks.values()
+                        if "baseline" in task and task.get("settings")})
+    sources = sorted({str(task.get("settings", {}).get("data")) for task in tasks.values()})
+    lines = [(f"Zero-shot tasks (requests from {', '.join(f'`{source}`' for source in sources)}), scored as "
+              "lm-evaluation-harness scores loglikelihood requests; ± one standard error."), ""]
+    header = "| task | items | metric | this model |" + (" baseline |" if baselines else "")
+    lines += [header, "|---|---|---|---|" + ("---|" if baselines else "")]
+    for name, task in tasks.items():
+        for key, metric, percent in ZERO_SHOT_METRICS:
+            if key not in task.get("model", {}):
+                continue
+            row = f"| {name} | {task['model']['items']:,} | {metric} | {_metric(task['model'], key, percent)} |"
+            if baselines:
+                row += f" {_metric(task['baseline'], key, percent) if 'baseline' in task else ''} |"
+            lines.append(row)
+    if baselines:
+        lines += ["", f"Baseline: {', '.join(f'`{name}`' for name in baselines)}."]
+    return lines + [""]
+
+
+def _metric(result: dict, key: str, percent: bool) -> str:
+    if not percent:
+        return f"{result[key]:,.2f}"
+    error = result.get(f"{key}_stderr")
+    return f"{100 * result[key]:.1f}" + (f" ± {100 * error:.1f}" if error is not None else "") + " %"
 
 
 def _usage(repo: str) -> str:
