@@ -12,7 +12,6 @@ copy of every small result after each stage (logs, scores), for machines whose d
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -112,29 +111,11 @@ def models(work: Path) -> dict[str, Path]:
     return {name: path for name, path in found.items() if (path / "config.json").is_file()}
 
 
-def heldout_loss(model_dir: Path, windows, device: str, batch_size: int = 16) -> dict:
-    """Mean next-token loss (nats) over windows (each (seq_len,) int64), float32 weights, bf16 autocast off."""
-    import torch
-    import torch.nn.functional as F
-
-    from uptrain.inference import load_for_inference
-
-    model, _ = load_for_inference(str(model_dir), device, "float32")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            ids = torch.stack(windows[start : start + batch_size]).to(device)  # (B, T)
-            logits = model(ids).logits[:, :-1].float()  # (B, T-1, V)
-            total += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-            count += ids[:, 1:].numel()
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
-
-
 def stage_score(work: Path, corpus: Path, device: str, count: int, seq_len: int) -> None:
     """Held-out (the validation split's first windows) and out-of-domain loss of every model, same windows."""
     from uptrain.data import TokenData
-    from uptrain.evaluate import read_documents, text_windows
+    from uptrain.evaluate import read_documents, score, text_windows
+    from uptrain.inference import load_for_inference
     from uptrain.sources import load_tokenizer, resolve
 
     tokenizer = load_tokenizer(resolve(str(work / "vanilla-config")))
@@ -144,7 +125,8 @@ def stage_score(work: Path, corpus: Path, device: str, count: int, seq_len: int)
     }
     scores = {}
     for name, path in models(work).items():
-        scores[name] = {split: heldout_loss(path, w, device) for split, w in windows.items()}
+        model, _ = load_for_inference(str(path), device, "float32")
+        scores[name] = {split: score(model, tokenizer, w, batch_size=16, label=f"{name} {split}") for split, w in windows.items()}
         print(name, {split: round(s["loss"], 4) for split, s in scores[name].items()}, flush=True)
     (work / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
 
