@@ -35,6 +35,21 @@ def test_bench_cli_reports_both_models_and_writes_json_and_plot(converted, tiny_
     assert "speed-up at equal batch size" in result.stdout
 
 
+def test_bench_engines_are_named_in_the_report(converted, tiny_source, run_cli, tmp_path):
+    model, (source, _) = converted("llama"), tiny_source("llama")
+    report_path = tmp_path / "engines.json"
+    result = run_cli("bench", model, "--baseline", source, "--device", "cpu", "--scenario", "custom", "--prompt-len", 6,
+                     "--gen-len", 5, "--batch-size", "2", "--repeats", 1, "--engine", "eager", "--baseline-engine", "fast",
+                     "--output", report_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["model"]["engine"] == "eager" and report["baseline"]["engine"] == "fast"
+    assert report["settings"]["engine"] == "eager" and report["settings"]["baseline_engine"] == "fast"
+    assert f"model: {model} (eager engine)" in result.stdout and "(fast engine)" in result.stdout
+    result = run_cli("bench", model, "--device", "cpu", "--engine", "turbo")
+    assert result.exit_code == 1 and "unknown engine 'turbo'" in result.stderr
+
+
 def test_random_init_and_auto_search_up_to_the_limit(converted, run_cli, tmp_path):
     report_path = tmp_path / "auto.json"
     result = run_cli("bench", converted("qwen2"), "--random-init", "--scenario", "custom",  # --device auto

@@ -2,11 +2,32 @@
 
 Every measurement: random prompts of `prompt_len` tokens, exactly `gen_len` new tokens a row (EOS is
 suppressed by min_new_tokens), greedy; `warmup` untimed runs, then `repeats` timed runs, median reported.
+The fast engine builds its buffers and captures its CUDA graphs in the first run of a batch size, so that
+run is a warm-up's job (the default `warmup` of 1 does it).
+
+Engines (`--engine`, and `--baseline-engine`, by default the same):
+- fast: static caches, one CUDA graph a step (on CPU the same step functions, uncaptured). A block model's
+  `generate(engine="fast")`; for a vanilla model `uptrain.vanilla_engine`, the same machinery and kernels,
+  so that the ratio measures the architecture.
+- eager: no static caches, no graphs: a block model's eager engine; transformers' `generate` for a vanilla one.
+- hf: `model.generate()` as a user calls it: transformers' for a vanilla model, a block model's default
+  engine (fast on CUDA, eager on CPU).
+The fast engine builds its buffers and captures its CUDA graphs in the first run of a batch size, so that
+run is a warm-up's job (the default `warmup` of 1 does it).
+
+Engines (`--engine`, and `--baseline-engine`, by default the same):
+- fast: static caches, one CUDA graph a step (on CPU the same step functions, uncaptured). A block model's
+  `generate(engine="fast")`; for a vanilla model `uptrain.vanilla_engine`, the same machinery and kernels,
+  so that the ratio measures the architecture.
+- eager: no static caches, no graphs: a block model's eager engine; transformers' `generate` for a vanilla one.
+- hf: `model.generate()` as a user calls it: transformers' for a vanilla model, a block model's default
+  engine (fast on CUDA, eager on CPU).
 On CUDA the runs are timed with CUDA events and memory is torch's peak allocation; on CPU with
 perf_counter and the process's peak resident memory (reset before each run through /proc, on Linux).
 Throughput does not depend on weight values, so `random_init` builds models from their configs alone.
 """
 
+import functools
 import json
 import math
 import statistics
@@ -23,6 +44,7 @@ from .inference import is_block_transformer, load_for_inference
 from .sources import DTYPES, load_config, resolve
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}  # (prompt_len, gen_len), the paper's
+ENGINES = ("fast", "eager", "hf")
 
 
 @dataclass
@@ -39,6 +61,8 @@ class BenchSettings:
     max_batch_size: int = 65536
     memory_fraction: float = 0.9  # auto stops before a batch is predicted to need more than this
     seed: int = 0
+    engine: str = "fast"
+    baseline_engine: str | None = None  # None: the same as `engine`
 
     def __post_init__(self):
         if self.scenario in SCENARIOS:
@@ -56,6 +80,10 @@ class BenchSettings:
             raise UserError(f"unknown dtype {self.dtype!r}: choose {', '.join(DTYPES)}")
         if any(size < 1 for size in self.batch_sizes or []):
             raise UserError("batch sizes must be at least 1")
+        self.baseline_engine = self.baseline_engine or self.engine
+        for engine in (self.engine, self.baseline_engine):
+            if engine not in ENGINES:
+                raise UserError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
 
 
 @dataclass
@@ -100,7 +128,24 @@ def build_model(spec: str, settings: BenchSettings):
     return model.eval()
 
 
-def measure(model, settings: BenchSettings, batch_size: int) -> Measurement:
+def generate_function(model, engine: str) -> Callable:
+    """`generate(prompts, **arguments)` of `model` with `engine` (see the module docstring)."""
+    if is_block_model(model):
+        if engine == "hf":
+            return model.generate
+        return functools.partial(model.generate, engine=engine)
+    if engine == "fast":
+        from .vanilla_engine import generate_static
+
+        return functools.partial(generate_static, model)
+    return model.generate
+
+
+def is_block_model(model) -> bool:
+    return hasattr(model, "block_decoder") and hasattr(model, "token_decoder")
+
+
+def measure(model, settings: BenchSettings, batch_size: int, engine: str | None = None) -> Measurement:
     """Warm-up, then timed repeats of one generation at `batch_size`; raises torch.OutOfMemoryError."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -111,8 +156,10 @@ def measure(model, settings: BenchSettings, batch_size: int) -> Measurement:
         do_sample=False, pad_token_id=0,
     )
 
+    generate = generate_function(model, engine or settings.engine)
+
     def run():
-        output = model.generate(prompts, **arguments)
+        output = generate(prompts, **arguments)
         assert output.shape == (batch_size, settings.prompt_len + settings.gen_len), output.shape
 
     for _ in range(settings.warmup):
@@ -130,12 +177,13 @@ def measure(model, settings: BenchSettings, batch_size: int) -> Measurement:
     )
 
 
-def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_result: Callable = lambda: None) -> None:
+def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_result: Callable = lambda: None,
+          engine: str | None = None) -> None:
     """Measure every requested batch size, or (auto) 1, 4, 16, ... until the next would not fit, then the
     largest power of two between; append each result to `results` as it comes. An out-of-memory error ends
     the search and is recorded, not raised."""
     def record(size: int) -> dict:
-        results.append(_measure_or_oom(model, settings, size))
+        results.append(_measure_or_oom(model, settings, size, engine))
         bar.update()
         bar.set_postfix(batch=size, tok_s=f"{results[-1].get('tokens_per_second', 0):,.0f}")
         on_result()
@@ -179,13 +227,24 @@ def _largest_fitting(result: dict, size: int, factor: int, budget: float, reside
     return candidate if candidate > size else None
 
 
-def _measure_or_oom(model, settings: BenchSettings, size: int) -> dict:
+def _measure_or_oom(model, settings: BenchSettings, size: int, engine: str | None = None) -> dict:
     try:
-        return asdict(measure(model, settings, size))
+        return asdict(measure(model, settings, size, engine))
     except torch.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         return {"batch_size": size, "out_of_memory": True}
+    finally:  # the next size's prediction counts what stays allocated as the weights
+        _release_engines(model)
+
+
+def _release_engines(model) -> None:
+    """Drop the fast engines' buffers and graphs kept for `model` (before the next batch size or model)."""
+    if hasattr(model, "release_generation_engine"):
+        model.release_generation_engine()
+    from .vanilla_engine import release
+
+    release(model)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _memory_capacity(device: torch.device) -> float:
@@ -287,7 +346,8 @@ def format_table(report: dict) -> str:
         if key not in report:
             continue
         part = report[key]
-        lines += [f"{key}: {part['name']}", "| batch | tokens/s | ms/token | peak memory GiB |", "|---|---|---|---|"]
+        engine = f" ({part['engine']} engine)" if part.get("engine") else ""
+        lines += [f"{key}: {part['name']}{engine}", "| batch | tokens/s | ms/token | peak memory GiB |", "|---|---|---|---|"]
         for r in part["results"]:
             if r.get("out_of_memory"):
                 lines.append(f"| {r['batch_size']} | out of memory | | |")
@@ -318,8 +378,9 @@ def draw(report: dict, path: Path) -> Path | None:
         if key not in report:
             continue
         points = [r for r in report[key]["results"] if not r.get("out_of_memory")]
+        engine = f" ({report[key]['engine']})" if report[key].get("engine") else ""
         axes.plot([r["batch_size"] for r in points], [r["tokens_per_second"] for r in points], marker=marker,
-                  label=f"{key}: {_short(report[key]['name'])}")
+                  label=f"{key}: {_short(report[key]['name'])}{engine}")
     settings = report["settings"]
     axes.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s",
              title=f"{settings['scenario']}: {settings['prompt_len']} -> {settings['gen_len']} tokens "
@@ -340,12 +401,15 @@ def bench(model_spec: str, baseline_spec: str | None, settings: BenchSettings, o
     """Measure the model (and the baseline, one after the other on the same device); returns the report.
     `on_result(report)` is called after every measurement, so that a long run can save what it has."""
     report = {"settings": asdict(settings), "environment": environment(settings.device)}
+    engines = {"model": settings.engine, "baseline": settings.baseline_engine}
     for key, spec in (("model", model_spec), ("baseline", baseline_spec)):
         if spec is None:
             continue
         model = build_model(spec, settings)
-        report[key] = {"name": spec, "parameters": sum(p.numel() for p in model.parameters()), "results": []}
-        sweep(model, settings, key, report[key]["results"], lambda: on_result(report))
+        report[key] = {"name": spec, "engine": engines[key], "parameters": sum(p.numel() for p in model.parameters()),
+                       "results": []}
+        sweep(model, settings, key, report[key]["results"], lambda: on_result(report), engines[key])
+        _release_engines(model)
         del model
         if settings.device.startswith("cuda"):
             torch.cuda.empty_cache()

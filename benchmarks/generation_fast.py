@@ -1,0 +1,399 @@
+"""Fast generation on a GPU (issue 13): token checks, then four engines' throughput -> JSON, PNG, kernel table.
+
+On the GPU machine, one command per part (each fits the 10-minute limit; results land in --out):
+
+    python benchmarks/generation_fast.py --out $OUT --parts check
+    python benchmarks/generation_fast.py --out $OUT --parts decode-heavy/block
+    python benchmarks/generation_fast.py --out $OUT --parts decode-heavy/vanilla,prefill-heavy
+    python benchmarks/generation_fast.py --out $OUT --parts profile --profile-batch 4096
+
+Here, after fetching the part files into one folder, render them together (JSON, one PNG a scenario, summary):
+
+    python benchmarks/generation_fast.py --render FOLDER
+
+and on a CPU in seconds, tiny sizes, everything in one go: `python benchmarks/generation_fast.py --smoke --out DIR`.
+
+Models: the SmolLM2-135M shape (Llama, 30 layers, D 576, 9 heads, 3 KV heads, vocab 49,152, tied head) and its
+default conversion (15/15 layers, L_B 4, r 2), with random weights unless --gguf names SmolLM2's GGUF (real
+weights; converted here in float32). Every JSON records which.
+
+- check: greedy tokens of the block model's fast engine (CUDA graphs) against its eager engine, float32 and
+  bf16, over --check-new-tokens (2,048) from left-padded prompts of four lengths around 128; the vanilla fast
+  engine against transformers' greedy generate in float32 over 256 tokens. Float32 must be identical; bf16
+  must agree on >= 99% of the tokens (a row that diverges once usually differs from there on, so the first
+  divergence of each row is recorded too). Random weights give almost flat logits, where bf16 near-ties are
+  common: the bf16 criterion is meant for real weights.
+- decode-heavy (128 -> 2,048) and prefill-heavy (2,048 -> 128): `uptrain.bench.measure` (random prompts,
+  exactly the new tokens a row, greedy; CUDA-event timing, median of the repeats, torch's peak memory) for
+  block fast, block eager, vanilla fast and vanilla hf (transformers' generate), each over its batch sizes
+  until memory runs short or the part's time budget would be exceeded. The fast engines warm up once (that
+  run builds the buffers and captures the graphs), then 2 timed runs; the eager ones, host-bound and slow,
+  run once untimed-free (no warm-up, 1 run: they follow the fast engines in the same process).
+- profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
+  --profile-batch: the kernel table sorted by device time.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from uptrain.bench import BenchSettings, _release_engines, environment, measure
+
+SMOLLM2 = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+    "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "rope_theta": 100000.0,
+}
+TINY = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "vocab_size": 512, "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
+ENGINES = [("block", "fast"), ("block", "eager"), ("vanilla", "fast"), ("vanilla", "hf")]
+# Batch sizes tried per (scenario, model, engine) on an 80 GB H100; a sweep stops at the first out-of-memory.
+GPU_BATCHES = {
+    ("decode-heavy", "block", "fast"): [256, 1024, 4096, 8192, 16384],
+    ("decode-heavy", "block", "eager"): [256, 4096],
+    ("decode-heavy", "vanilla", "fast"): [64, 256, 1024],
+    ("decode-heavy", "vanilla", "hf"): [256],
+    ("prefill-heavy", "block", "fast"): [256, 1024, 4096],
+    ("prefill-heavy", "block", "eager"): [256, 1024],
+    ("prefill-heavy", "vanilla", "fast"): [64, 256, 1024],
+    ("prefill-heavy", "vanilla", "hf"): [256],
+}
+SCENARIOS = {"decode-heavy": (128, 2048), "prefill-heavy": (2048, 128)}
+SMOKE_SCENARIOS = {"decode-heavy": (8, 64), "prefill-heavy": (64, 8)}
+
+
+def parse():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="Folder for the part files (JSON, PNG, kernel table).")
+    parser.add_argument("--parts", default="check,decode-heavy,prefill-heavy,profile",
+                        help="Comma-separated: check, decode-heavy, prefill-heavy (or SCENARIO/block, SCENARIO/vanilla), profile.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny model on the CPU, tiny sizes: checks the script runs.")
+    parser.add_argument("--gguf", type=Path, help="SmolLM2-135M GGUF: real weights (default: random weights).")
+    parser.add_argument("--device", default=None, help="Default: cuda if there is one, else cpu.")
+    parser.add_argument("--budget-s", type=float, default=540, help="Skip measurements predicted to end later than this.")
+    parser.add_argument("--check-new-tokens", type=int, default=2048)
+    parser.add_argument("--profile-batch", type=int, default=None, help="Default: the best block fast batch measured in this run, else 4096.")
+    parser.add_argument("--profile-new-tokens", type=int, default=256)
+    parser.add_argument("--render", type=Path, help="Merge the part files in this folder into results.json, PNGs and summary.md.")
+    return parser.parse_args()
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.started = time.perf_counter()
+        self.device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+        self.shape = TINY if args.smoke else SMOLLM2
+        self.scenarios = SMOKE_SCENARIOS if args.smoke else SCENARIOS
+        self.weights = f"real ({args.gguf.name})" if args.gguf else "random"
+        self.out = args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.models = {}
+        self.facts = {**environment(self.device), "weights": self.weights, "shape": "tiny" if args.smoke else "SmolLM2-135M"}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def log(self, text: str):
+        print(f"[{self.elapsed():6.1f}s] {text}", flush=True)
+
+    def write(self, name: str, payload: dict):
+        (self.out / name).write_text(json.dumps({"environment": self.facts, **payload}, indent=2) + "\n")
+
+    # -- models -------------------------------------------------------------------------------------------
+
+    def model(self, kind: str, dtype: torch.dtype):
+        """'block' or 'vanilla' in `dtype` on the device; one of each is kept (the last dtype asked for)."""
+        key = (kind, dtype)
+        if key not in self.models:
+            for old in [k for k in self.models if k[0] == kind]:
+                del self.models[old]
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            self.models[key] = self._build(kind, dtype)
+        return self.models[key]
+
+    def _build(self, kind: str, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        if self.args.gguf:
+            return self._load_real(kind, dtype)
+        torch.manual_seed(0)
+        source_config = LlamaConfig(**self.shape)
+        if kind == "vanilla":
+            with torch.device(self.device):
+                model = AutoModelForCausalLM.from_config(source_config, dtype=torch.float32)
+        else:
+            from uptrain.convert import ConvertOptions, build_config
+            from uptrain.modeling_block_transformer import BlockTransformerForCausalLM
+
+            config = build_config(source_config, ConvertOptions(), torch.float32)
+            with torch.device(self.device):
+                model = BlockTransformerForCausalLM(config)
+        return model.to(dtype).eval()
+
+    def _load_real(self, kind: str, dtype: torch.dtype):
+        import tempfile
+
+        from transformers import AutoModelForCausalLM
+
+        from uptrain.sources import load_model, resolve
+
+        if kind == "vanilla":
+            return load_model(resolve(str(self.args.gguf))).to(self.device, dtype).eval()
+        if not hasattr(self, "converted"):
+            from uptrain.convert import ConvertOptions, convert
+
+            self.converted = Path(tempfile.mkdtemp()) / "b4"
+            convert(str(self.args.gguf), self.converted, ConvertOptions(dtype="float32"))
+        return AutoModelForCausalLM.from_pretrained(self.converted, trust_remote_code=True, dtype=dtype).to(self.device).eval()
+
+    # -- check --------------------------------------------------------------------------------------------
+
+    def check(self):
+        new = 37 if self.args.smoke else self.args.check_new_tokens
+        lengths = (9, 6, 5, 3) if self.args.smoke else (128, 125, 98, 77)
+        ids, mask = left_padded(lengths, self.shape["vocab_size"], self.device)
+        greedy = {"max_new_tokens": new, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+        report = {"new_tokens": new, "prompt_lengths": lengths}
+        for dtype in (torch.float32, torch.bfloat16):
+            model = self.model("block", dtype)
+            timings, outputs = {}, {}
+            for engine in ("eager", "fast"):
+                started = time.perf_counter()
+                outputs[engine] = model.generate(ids, attention_mask=mask, engine=engine, **greedy)[:, ids.shape[1]:]
+                synchronize(self.device)
+                timings[engine] = time.perf_counter() - started
+            model.release_generation_engine()
+            name = str(dtype).removeprefix("torch.")
+            report[f"block {name}"] = {**compare(outputs["fast"], outputs["eager"]), "seconds": timings}
+            self.log(f"block {name}: {report[f'block {name}']}")
+        from uptrain.vanilla_engine import generate_static, release
+
+        vanilla = self.model("vanilla", torch.float32)
+        short = dict(greedy, max_new_tokens=min(new, 256))
+        expected = vanilla.generate(ids, attention_mask=mask, **short)[:, ids.shape[1]:]
+        fast = generate_static(vanilla, ids, attention_mask=mask, **short)[:, ids.shape[1]:]
+        release(vanilla)
+        report["vanilla float32"] = compare(fast, expected)
+        self.log(f"vanilla float32: {report['vanilla float32']}")
+        report["passed"] = {
+            "block float32 identical": report["block float32"]["identical"],
+            "block bfloat16 >= 99% of tokens": report["block bfloat16"]["token_agreement"] >= 0.99,
+            "vanilla float32 identical": report["vanilla float32"]["identical"],
+        }
+        self.write("check.json", report)
+
+    # -- throughput ---------------------------------------------------------------------------------------
+
+    def scenario(self, scenario: str, kinds: tuple[str, ...]):
+        prompt_len, gen_len = self.scenarios[scenario]
+        dtype = torch.float32 if self.args.smoke else torch.bfloat16
+        results = {}
+        for kind, engine in ENGINES:
+            if kind not in kinds:
+                continue
+            sizes = [1, 4] if self.args.smoke else GPU_BATCHES[(scenario, kind, engine)]
+            fast = engine == "fast"
+            settings = BenchSettings(
+                scenario="custom", prompt_len=prompt_len, gen_len=gen_len, batch_sizes=sizes,
+                warmup=1 if fast else 0, repeats=2 if fast else 1, device=self.device,
+                dtype="float32" if self.args.smoke else "bfloat16", engine=engine,
+            )
+            model = self.model(kind, dtype)
+            label = f"{kind} {engine}"
+            results[label] = []
+            last = None
+            for size in sizes:
+                runs = settings.warmup + settings.repeats
+                if last is not None:  # time per run grows at most linearly with the batch
+                    predicted = last["seconds"] * size / last["batch_size"] * runs + 30
+                    if self.elapsed() + predicted > self.args.budget_s:
+                        results[label].append({"batch_size": size, "skipped": f"predicted {predicted:.0f} s"})
+                        self.log(f"{scenario} {label} batch {size}: skipped (predicted {predicted:.0f} s)")
+                        break
+                try:
+                    last = measure_dict(model, settings, size, engine)
+                    results[label].append(last)
+                    self.log(f"{scenario} {label} batch {size}: {last['tokens_per_second']:,.0f} tok/s, "
+                             f"{(last['peak_memory_bytes'] or 0) / 2**30:.1f} GiB")
+                except torch.OutOfMemoryError:
+                    results[label].append({"batch_size": size, "out_of_memory": True})
+                    self.log(f"{scenario} {label} batch {size}: out of memory")
+                    break
+                finally:
+                    _release_engines(model)
+                self.write(f"{scenario}-{'-'.join(kinds)}.json", self._scenario_payload(scenario, results))
+        self.write(f"{scenario}-{'-'.join(kinds)}.json", self._scenario_payload(scenario, results))
+        return results
+
+    def _scenario_payload(self, scenario, results):
+        prompt_len, gen_len = self.scenarios[scenario]
+        return {"scenario": scenario, "prompt_len": prompt_len, "gen_len": gen_len, "results": results}
+
+    # -- profile ------------------------------------------------------------------------------------------
+
+    def profile(self, batch: int):
+        from torch.profiler import ProfilerActivity, profile
+
+        prompt_len, _ = self.scenarios["decode-heavy"]
+        new = 16 if self.args.smoke else self.args.profile_new_tokens
+        model = self.model("block", torch.float32 if self.args.smoke else torch.bfloat16)
+        ids = torch.randint(0, self.shape["vocab_size"], (batch, prompt_len), device=self.device)
+        arguments = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0, "engine": "fast"}
+        model.generate(ids, **arguments)  # builds the buffers, captures the graphs
+        synchronize(self.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            model.generate(ids, **arguments)
+            synchronize(self.device)
+        model.release_generation_engine()
+        sort = "cuda_time_total" if self.device.startswith("cuda") else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
+        header = (f"block fast engine, batch {batch}, prompt {prompt_len}, {new} new tokens, "
+                  f"{self.facts.get('gpu', self.device)}, weights {self.weights}\n")
+        (self.out / f"profile-batch{batch}.txt").write_text(header + table + "\n")
+        self.log(f"profile at batch {batch} written")
+
+
+def measure_dict(model, settings, size, engine) -> dict:
+    from dataclasses import asdict
+
+    return asdict(measure(model, settings, size, engine))
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def left_padded(lengths, vocab: int, device: str, pad: int = 0):
+    generator = torch.Generator().manual_seed(1)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(3, vocab, (length,), generator=generator)
+        mask[row, width - length:] = 1
+    return ids.to(device), mask.to(device)
+
+
+def compare(fast: torch.Tensor, reference: torch.Tensor) -> dict:
+    same = fast == reference
+    first = [int(row.logical_not().nonzero()[0]) if not row.all() else None for row in same.cpu()]
+    return {"identical": bool(same.all()), "token_agreement": float(same.float().mean()), "first_divergence": first}
+
+
+# -- rendering --------------------------------------------------------------------------------------------
+
+
+def render(folder: Path, merged_json: bool = True) -> str:
+    """SCENARIO.png, summary.md and (merged_json) results.json from every part file in `folder`; returns the
+    summary. A run renders its own parts without results.json: at most 8 files come back from a GPU call."""
+    merged = {"scenarios": {}}
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "results.json":
+            continue
+        part = json.loads(path.read_text())
+        merged.setdefault("environment", part["environment"])
+        if path.name == "check.json":
+            merged["check"] = part
+        elif "scenario" in part:
+            target = merged["scenarios"].setdefault(part["scenario"], {k: part[k] for k in ("prompt_len", "gen_len")} | {"results": {}})
+            target["results"].update(part["results"])
+    if merged_json:
+        (folder / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    lines = ["# Fast generation", "", f"Environment: {merged.get('environment')}", ""]
+    if "check" in merged:
+        check = merged["check"]
+        lines += ["## Token checks", "", f"passed: {check['passed']}", ""]
+        for key in ("block float32", "block bfloat16", "vanilla float32"):
+            lines.append(f"- {key}: identical {check[key]['identical']}, token agreement "
+                         f"{check[key]['token_agreement']:.4f}, first divergence per row {check[key]['first_divergence']}")
+        lines.append("")
+    for scenario, data in merged["scenarios"].items():
+        lines += [f"## {scenario}: {data['prompt_len']} -> {data['gen_len']}", "",
+                  "| engine | batch | tokens/s | ms/token | peak GiB | runs (s) |", "|---|---|---|---|---|---|"]
+        best = {}
+        for label, rows in data["results"].items():
+            for r in rows:
+                if "tokens_per_second" not in r:
+                    lines.append(f"| {label} | {r['batch_size']} | {'out of memory' if r.get('out_of_memory') else r.get('skipped')} | | | |")
+                    continue
+                best[label] = max(best.get(label, 0), r["tokens_per_second"])
+                memory = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "n/a"
+                runs = ", ".join(f"{s:.2f}" for s in r["all_seconds"])
+                lines.append(f"| {label} | {r['batch_size']} | {r['tokens_per_second']:,.0f} | {r['ms_per_token']:.2f} | {memory} | {runs} |")
+        lines.append("")
+        for ours, theirs in (("block fast", "vanilla fast"), ("block fast", "vanilla hf"), ("block fast", "block eager"),
+                             ("vanilla fast", "vanilla hf")):
+            if ours in best and theirs in best:
+                lines.append(f"- best {ours} / best {theirs}: {best[ours] / best[theirs]:.2f}x")
+        lines.append("")
+        draw(scenario, data, merged.get("environment", {}), folder / f"{scenario}.png")
+    summary = "\n".join(lines)
+    (folder / "summary.md").write_text(summary + "\n")
+    return summary
+
+
+def draw(scenario: str, data: dict, facts: dict, path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for label, rows in data["results"].items():
+        points = [r for r in rows if "tokens_per_second" in r]
+        if points:
+            axes.plot([r["batch_size"] for r in points], [r["tokens_per_second"] for r in points], marker="o", label=label)
+    axes.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s",
+             title=f"{scenario}: {data['prompt_len']} -> {data['gen_len']} ({facts.get('gpu', facts.get('device'))}, "
+                   f"{facts.get('weights')} weights)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main():
+    args = parse()
+    if args.render:
+        print(render(args.render))
+        return
+    if args.out is None:
+        raise SystemExit("--out is required (or --render FOLDER)")
+    run = Run(args)
+    run.log(f"{run.facts}")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    best_block = None
+    for part in parts:
+        if part == "check":
+            run.check()
+        elif part.split("/")[0] in run.scenarios:
+            scenario, _, kind = part.partition("/")
+            results = run.scenario(scenario, (kind,) if kind else ("block", "vanilla"))
+            rows = [r for r in results.get("block fast", []) if "tokens_per_second" in r]
+            if rows and scenario == "decode-heavy":
+                best_block = max(rows, key=lambda r: r["tokens_per_second"])["batch_size"]
+        elif part == "profile":
+            run.profile(args.profile_batch or best_block or (4 if args.smoke else 4096))
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+    print(render(run.out, merged_json=False))
+
+
+if __name__ == "__main__":
+    main()
