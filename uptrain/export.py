@@ -54,10 +54,13 @@ def untied_names(model) -> list[str]:
     return [name for name in model.state_dict() if name not in tied]
 
 
-def saved_tensors(model) -> tuple[list[str], Iterable[tuple[str, torch.Tensor]]]:
-    """(names, iterator of (name, tensor)) of an in-memory model, for `write_model_folder`."""
-    names = untied_names(model)
-    state = model.state_dict()
+def saved_tensors(model, state: dict | None = None) -> tuple[list[str], Iterable[tuple[str, torch.Tensor]]]:
+    """(names, iterator of (name, tensor)) of an in-memory model, for `write_model_folder`. `state`, when
+    given, holds the model's tensors under its names (a state dict gathered from processes that each hold a
+    shard); tied copies are left out either way."""
+    state = model.state_dict() if state is None else state
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    names = [name for name in state if name not in tied]
     return names, ((name, state[name]) for name in names)
 
 

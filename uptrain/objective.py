@@ -75,7 +75,18 @@ class NextTokenObjective(nn.Module):
     def teacher(self) -> nn.Module | None:
         return self._teacher[0] if self._teacher else None
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The decoder-layer classes of the model (LlamaDecoderLayer, GPTNeoXLayer, ...): the units FSDP's
+        transformer auto-wrap policy shards one by one when the accelerate config names none itself."""
+        return sorted({type(layer).__name__ for layer in decoder_layers(self.model)})
+
+    def forward(self, ids: torch.Tensor, logits: bool = False):
+        """(loss to differentiate, mean cross-entropy); with `logits=True` the model's (B, T, V) logits instead,
+        for evaluation: under FSDP every use of the weights must go through this module's forward, whose
+        hooks gather the sharded parameters (the LM head included, which the fast loss reads directly)."""
+        if logits:
+            return self.model(ids).logits
         return self.fast_loss(ids) if self.fast else self.plain_loss(ids)
 
     def plain_loss(self, ids):

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .flops import peak_flops, training_flops_per_token
-from .objective import NextTokenObjective, compile_decoders, head_mismatch, is_block_model
+from .objective import NextTokenObjective, compile_decoders, decoder_layers, head_mismatch, is_block_model
 from .recipe import Recipe, dump_recipe, public_recipe
 from .window_attention import use_window_attention
 
@@ -32,6 +33,7 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the teacher's dtype on a GPU
 HEAD_CHECK_TOLERANCE = 1e-3  # relative: the fast loss must rebuild the model's own logits in float32
 CREATED_BY_CONVERSION = ("embedder_projection", "expansion", "start_context")  # the rest is copied from the source
+FSDP_MODEL = "pytorch_model_fsdp"  # accelerate's name for the model state of an FSDP checkpoint
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -76,6 +78,17 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
+def checkpoint_layout(path: Path) -> str:
+    """How a checkpoint holds model and optimizer: `plain` (one process or DDP: `model.safetensors`,
+    `optimizer.bin`), `sharded` (FSDP's default: one torch.distributed.checkpoint folder each, any number
+    of processes) or `full` (FSDP with FULL_STATE_DICT: gathered `pytorch_model_fsdp.bin`, `optimizer.bin`)."""
+    if (path / f"{FSDP_MODEL}_0").is_dir():
+        return "sharded"
+    if (path / f"{FSDP_MODEL}.bin").is_file():
+        return "full"
+    return "plain"
+
+
 def resume_point(recipe: Recipe) -> Path | None:
     if recipe.resume == "none":
         return None
@@ -93,16 +106,27 @@ class Trainer:
 
     def __init__(self, recipe: Recipe):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         self.recipe = recipe
         self.output_dir = Path(recipe.output_dir)
         trackers = None if recipe.tracker == "none" else recipe.tracker
+        # step_scheduler_with_optimizer off: accelerate's default steps the schedule once per process at every
+        # optimizer step (made for data loaders it shortens); ours counts optimizer steps, whatever the processes
         self.accelerator = Accelerator(
-            mixed_precision=MIXED_PRECISION[recipe.precision], log_with=trackers, project_dir=str(self.output_dir)
+            mixed_precision=MIXED_PRECISION[recipe.precision], log_with=trackers, project_dir=str(self.output_dir),
+            step_scheduler_with_optimizer=False,
         )
         set_seed(recipe.seed)  # before any random initialisation: every process builds the same weights
         world = self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > world:  # e.g. an FSDP or multi-GPU accelerate config on a machine without GPUs
+            raise UserError(f"{launched} processes were launched but accelerate joined none of them into a process group "
+                            f"(distributed type {self.accelerator.distributed_type.value}, device "
+                            f"{self.accelerator.device.type}); each would train alone. On CPUs, launch the DDP config "
+                            "with ACCELERATE_USE_CPU=true; FSDP needs GPUs (docs/multi-gpu.md)")
+        # FSDP: weights, gradients and optimizer state are sharded across the processes
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         if recipe.global_batch_size % (recipe.micro_batch_size * world):
             raise UserError(
                 f"global_batch_size {recipe.global_batch_size} must be a multiple of micro_batch_size x processes "
@@ -197,8 +221,21 @@ class Trainer:
         use_window_attention(model)
         if recipe.compile:
             compile_decoders(model)
+            if self.sharded:  # FSDP's hooks cut each stack's graph at every layer, and each layer (its own
+                # layer_idx) compiles apart: let all of them compile instead of running past the limit in eager
+                config = torch._dynamo.config
+                name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+                setattr(config, name, max(getattr(config, name), 2 * len(decoder_layers(model)) + 8))
         objective = NextTokenObjective(model, fast=fast, teacher=teacher, distill_weight=recipe.distill.weight,
                                        temperature=recipe.distill.temperature, compile_loss=recipe.compile)
+        if self.sharded and recipe.precision in HALF_PRECISION:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            # accelerate's FSDP policy for bf16 also reduces gradients in bf16 and casts the forward's outputs
+            # (here the loss) to bf16; keep those in float32, as DDP with autocast has them. The weights are
+            # gathered in half precision for the compute; the optimizer updates float32 shards.
+            self.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+                param_dtype=HALF_PRECISION[recipe.precision], reduce_dtype=torch.float32)
         fused = self.accelerator.device.type == "cuda"  # the same update as the per-tensor loop, in one kernel
         optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas),
                                       fused=fused or None)
@@ -207,6 +244,14 @@ class Trainer:
             for group in optimizer.param_groups
         ])
         self.model, self.optimizer, self.schedule = self.accelerator.prepare(objective, optimizer, schedule)
+        self.distributed = {"type": self.accelerator.distributed_type.value, "processes": self.accelerator.num_processes}
+        if self.sharded:  # the FSDP units: one per decoder layer, and the root holding everything else
+            from collections import Counter
+
+            from torch.distributed.fsdp import FSDPModule
+
+            units = Counter(type(m).__name__ for m in self.model.modules() if isinstance(m, FSDPModule))
+            self.distributed["fsdp_units"] = dict(sorted(units.items()))
 
     def fast_loss_rebuilds_logits(self, model, teacher) -> bool:
         """Whether final states through the LM head give the model's (and teacher's) own logits on a sample."""
@@ -261,11 +306,15 @@ class Trainer:
             yield batch.to(self.accelerator.device)  # (micro, seq_len)
 
     def train_step(self, step: int) -> float:
-        """One optimizer step over the global batch; returns the mean cross-entropy across all processes."""
+        """One optimizer step over the global batch; returns the mean cross-entropy across all processes.
+
+        DDP all-reduces the gradients once, after the last micro-batch. FSDP reduce-scatters them after every
+        micro-batch: skipping that (`no_sync`) would keep each process's full, unsharded gradients between
+        micro-batches, the memory that sharding exists to save. Both sum the same gradients."""
         total = torch.zeros((), device=self.accelerator.device)
         for i, ids in enumerate(self.micro_batches(step)):
             last = i == self.accumulation - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            sync = contextlib.nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model)
             with sync, self.accelerator.autocast():
                 loss, ce = self.model(ids)  # the objective: the loss to differentiate, the cross-entropy to report
                 self.accelerator.backward(loss / self.accumulation)
@@ -282,22 +331,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Held-out loss and perplexity over the first `eval_windows` windows of the validation split."""
+        """Held-out loss and perplexity over the first `eval_windows` windows of the validation split.
+
+        The windows are dealt out to the processes. The forward runs through the objective (outside DDP's
+        wrapper; under FSDP the sharded module itself, whose hooks gather the weights), and under FSDP every
+        process runs as many forwards as the busiest one, the spare ones uncounted, since each forward's
+        gathers are collectives."""
         if self.val_data is None:
             return None
-        model = self.language_model
-        model.eval()
+        objective = self.accelerator.unwrap_model(self.model)
+        objective.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        windows = list(self.val_data.windows(self.recipe.seq_len, self.recipe.eval_windows))
+        mine = [(window, 1.0) for window in windows[rank::world]]
+        if self.sharded:
+            mine += [(windows[0], 0.0)] * (math.ceil(len(windows) / world) - len(mine))
         sums = torch.zeros(2, device=self.accelerator.device)  # (loss sum, predicted tokens)
-        for index, window in enumerate(self.val_data.windows(self.recipe.seq_len, self.recipe.eval_windows)):
-            if index % world != rank:
-                continue
+        for window, counted in mine:
             ids = window[None].to(self.accelerator.device)
             with self.accelerator.autocast():
-                logits = model(ids).logits
-            sums[0] += F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-            sums[1] += ids.shape[1] - 1
-        model.train()
+                logits = objective(ids, logits=True)
+            sums[0] += counted * F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+            sums[1] += counted * (ids.shape[1] - 1)
+        objective.train()
         sums = self.accelerator.reduce(sums, reduction="sum")
         loss = float(sums[0] / sums[1])
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
@@ -324,22 +380,96 @@ class Trainer:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
 
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore model, optimizer, schedule and random states from a checkpoint, whatever layout wrote it.
+
+        A checkpoint written by the layout now running (one process or DDP: `model.safetensors` and
+        `optimizer.bin`; FSDP: sharded `torch.distributed.checkpoint` folders, on any number of processes)
+        goes through `accelerator.load_state`. Across layouts (an FSDP run resumed on one GPU, or the other
+        way), model and optimizer go through torch's layout-free state dicts, keyed by parameter name."""
+        from accelerate.checkpointing import load_accelerator_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        saved = checkpoint_layout(path)
+        if saved == self.state_layout():
+            self.accelerator.load_state(str(path))
+            return
+        optimizer = self.optimizer.optimizer  # the torch optimizer inside accelerate's wrapper
+        if saved == "sharded":
+            import torch.distributed.checkpoint as dcp
+
+            model_state, optimizer_state = get_state_dict(self.model, optimizer)  # this layout's tensors, to fill
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is what is meant here
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({"model": model_state}, checkpoint_id=str(path / f"{FSDP_MODEL}_0"))
+                dcp.load({"optimizer": optimizer_state}, checkpoint_id=str(path / "optimizer_0"))
+            options = None
+        else:
+            model_state, optimizer_state = self.full_states(path, saved)
+            options = StateDictOptions(full_state_dict=True)
+        set_state_dict(self.model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=options)
+        load_accelerator_state(str(path), [], [], [self.schedule], [], self.accelerator.process_index)
+
+    def state_layout(self) -> str:
+        """How this run's `save_state` writes model and optimizer (see `checkpoint_layout`)."""
+        if not self.sharded:
+            return "plain"
+        sharded = self.accelerator.state.fsdp_plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+        return "sharded" if sharded else "full"
+
+    def full_states(self, path: Path, layout: str) -> tuple[dict, dict]:
+        """(model, optimizer) state dicts of full tensors keyed by parameter name, from a `plain` or `full`
+        checkpoint. A plain optimizer state numbers the parameters in the optimizer's order; safetensors keeps
+        one name of tied parameters, and the other names are filled in."""
+        from safetensors.torch import load_file
+
+        objective = self.accelerator.unwrap_model(self.model)
+        names = {}  # id(parameter) -> all its names (a tied head has two)
+        for name, param in objective.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        if layout == "plain":
+            model_state = load_file(path / "model.safetensors")
+        else:
+            model_state = torch.load(path / f"{FSDP_MODEL}.bin", map_location="cpu", weights_only=True)
+        for aliases in names.values():
+            present = [name for name in aliases if name in model_state]
+            for name in aliases:
+                if present and name not in model_state:
+                    model_state[name] = model_state[present[0]]
+        optimizer_state = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
+        if any(isinstance(key, int) for key in optimizer_state["state"]) or layout == "plain":
+            order = [names[id(p)][0] for group in self.optimizer.optimizer.param_groups for p in group["params"]]
+            optimizer_state = {
+                "state": {order[index]: value for index, value in optimizer_state["state"].items()},
+                "param_groups": [{**group, "params": [order[index] for index in group["params"]]}
+                                 for group in optimizer_state["param_groups"]],
+            }
+        return model_state, optimizer_state
+
     def export(self, facts: dict) -> Path:
         """<output_dir>/final: a Block Transformer in exactly the `convert` format, a vanilla model as
-        `save_pretrained` writes it; the training facts and the recipe beside either."""
+        `save_pretrained` writes it; the training facts and the recipe beside either.
+
+        The weights come from `accelerator.get_state_dict`, called on every process: under FSDP it gathers
+        the full (unsharded) tensors onto the main process, which writes the folder."""
         from .card import model_card
         from .export import saved_tensors, staged_folder, write_model_folder
 
         out = self.output_dir / "final"
+        state = self.accelerator.get_state_dict(self.model)  # keys of the objective: "model." + the LM's own
         if self.accelerator.is_main_process:
             model = self.language_model
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # restored on load; gathered copies
+            state = {name.removeprefix("model."): tensor for name, tensor in state.items()}  # no longer share storage
+            state = {name: tensor for name, tensor in state.items() if name not in tied}
             with staged_folder(out, overwrite=True) as folder:
                 if is_block_model(model):
                     records = {"training.json": facts}
                     conversion = Path(self.model_dir) / "conversion.json"
                     if conversion.is_file() and not self.recipe.from_scratch:
                         records["conversion.json"] = json.loads(conversion.read_text())
-                    names, tensors = saved_tensors(model)
+                    names, tensors = saved_tensors(model, state)
                     write_model_folder(
                         folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
                         generation_config=getattr(model, "generation_config", None),
@@ -348,7 +478,7 @@ class Trainer:
                         records=records,
                     )
                 else:
-                    model.save_pretrained(folder)
+                    model.save_pretrained(folder, state_dict=state)
                     self.tokenizer.save_pretrained(folder)
                     (folder / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
                 (folder / "recipe.yaml").write_text(dump_recipe(self.recipe, public=True))
@@ -363,12 +493,12 @@ class Trainer:
         start = 0
         checkpoint = resume_point(recipe)
         if checkpoint is not None:
-            self.accelerator.load_state(str(checkpoint))
+            self.load_checkpoint(checkpoint)
             start = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         self.accelerator.init_trackers("uptrain", config={k: str(v) for k, v in recipe.to_dict().items()})
         tokens_per_step = recipe.global_batch_size * recipe.seq_len
         facts = {"architecture": recipe.architecture, "from_scratch": recipe.from_scratch, "steps": start,
-                 "tokens": start * tokens_per_step, "train_loss": None, "eval": None}
+                 "tokens": start * tokens_per_step, "train_loss": None, "eval": None, "distributed": self.distributed}
         peak = peak_flops(self.accelerator.device)
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="training",
                    disable=not self.accelerator.is_main_process)
@@ -394,6 +524,10 @@ class Trainer:
             if peak:  # model FLOPs utilisation of this step, per GPU (flops.py has the formula)
                 logs["train/mfu"] = step_rate * self.flops_per_token / (peak * self.accelerator.num_processes)
                 shown["mfu"] = f"{logs['train/mfu']:.1%}"
+            if self.accelerator.device.type == "cuda":  # the largest of the processes' peaks so far
+                held = torch.tensor([float(torch.cuda.max_memory_allocated(self.accelerator.device))],
+                                    device=self.accelerator.device)
+                logs["train/peak_memory_gib"] = float(self.accelerator.gather(held).max()) / 2**30
             bar.set_postfix(**shown)
             if done % recipe.eval_every == 0 or done == self.total_steps:
                 facts["eval"] = self.evaluate()
@@ -408,8 +542,8 @@ class Trainer:
                     log.write(json.dumps({"step": done, **logs}) + "\n")
             if done % recipe.save_every == 0 or done == self.total_steps:
                 self.save_checkpoint(done, facts)
+        facts["final_model"] = str(self.export(facts))  # before end_training, which ends the process group
         self.accelerator.end_training()
-        facts["final_model"] = str(self.export(facts))
         return facts
 
 
