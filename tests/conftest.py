@@ -91,3 +91,16 @@ def converted(tiny_source, run_cli, tmp_path_factory):
 def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids a vanilla model needs to see a left-padded row as if it were alone."""
     return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.fixture(scope="module")
+def model_of(converted):
+    """family -> loaded default conversion (`converted`), loaded once per test module."""
+    models = {}
+
+    def get(family):
+        if family not in models:
+            models[family] = load_block_model(converted(family))
+        return models[family]
+
+    return get

@@ -4,7 +4,7 @@ against transformers' `generate`, and the static buffers against caches built by
 
 import pytest
 import torch
-from conftest import load_block_model, padded_positions
+from conftest import padded_positions
 from transformers import DynamicCache
 
 from uptrain.generation_block_transformer import _ENGINES, _cache_argument, buckets
@@ -12,18 +12,6 @@ from uptrain.vanilla_engine import generate_static
 
 BLOCK = 4
 ROWS = (3, 9, 5, 1, 4, 7)  # left-padded prompts: shorter than a block, whole blocks, partial blocks
-
-
-@pytest.fixture(scope="module")
-def model_of(converted):
-    models = {}
-
-    def get(family):
-        if family not in models:
-            models[family] = load_block_model(converted(family))
-        return models[family]
-
-    return get
 
 
 def left_padded(lengths, seed=5, pad=3):

@@ -2,25 +2,12 @@
 
 import pytest
 import torch
-from conftest import load_block_model
+
 from families import FAMILIES, tiny_tokenizer
 from transformers import TextStreamer
 
 BLOCK = 4  # the default block length the `converted` fixture uses
 NEW = 11
-
-
-@pytest.fixture(scope="module")
-def model_of(converted):
-    """family -> loaded default conversion, loaded once per module."""
-    models = {}
-
-    def get(family):
-        if family not in models:
-            models[family] = load_block_model(converted(family))
-        return models[family]
-
-    return get
 
 
 def teacher_forced_argmax(model, sequence, prompt_length):

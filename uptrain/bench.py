@@ -12,16 +12,6 @@ Engines (`--engine`, and `--baseline-engine`, by default the same):
 - eager: no static caches, no graphs: a block model's eager engine; transformers' `generate` for a vanilla one.
 - hf: `model.generate()` as a user calls it: transformers' for a vanilla model, a block model's default
   engine (fast on CUDA, eager on CPU).
-The fast engine builds its buffers and captures its CUDA graphs in the first run of a batch size, so that
-run is a warm-up's job (the default `warmup` of 1 does it).
-
-Engines (`--engine`, and `--baseline-engine`, by default the same):
-- fast: static caches, one CUDA graph a step (on CPU the same step functions, uncaptured). A block model's
-  `generate(engine="fast")`; for a vanilla model `uptrain.vanilla_engine`, the same machinery and kernels,
-  so that the ratio measures the architecture.
-- eager: no static caches, no graphs: a block model's eager engine; transformers' `generate` for a vanilla one.
-- hf: `model.generate()` as a user calls it: transformers' for a vanilla model, a block model's default
-  engine (fast on CUDA, eager on CPU).
 On CUDA the runs are timed with CUDA events and memory is torch's peak allocation; on CPU with
 perf_counter and the process's peak resident memory (reset before each run through /proc, on Linux).
 Throughput does not depend on weight values, so `random_init` builds models from their configs alone.
