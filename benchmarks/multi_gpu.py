@@ -209,19 +209,27 @@ def plot(results: dict, summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for names, axis, title in ((["one", "ddp", "fsdp", "fsdp-resumed-fsdp", "fsdp-resumed-one"], axes[0][0],
-                                "cross-entropy (no distillation)"),
-                               (["distill-one", "distill-ddp", "distill-fsdp"], axes[0][1],
-                                "cross-entropy with distillation")):
-        for name in names:
-            if name in results:
-                run = results[name]
-                style = "--" if "resumed" in name else "-"
-                axis.plot(run["steps"], run["loss"], style, label=f"{name} ({run['processes']} GPU)", linewidth=1.2)
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel("training cross-entropy (nats)")
-        axis.set_title(title)
-        axis.legend(fontsize=8)
+    curves, differences = axes[0]
+    for name in ("one", "ddp", "fsdp", "fsdp-resumed-fsdp", "fsdp-resumed-one", "distill-one", "distill-ddp", "distill-fsdp"):
+        if name in results:
+            run = results[name]
+            style = "--" if "resumed" in name else "-." if "distill" in name else "-"
+            curves.plot(run["steps"], run["loss"], style, label=f"{name} ({run['processes']} GPU)", linewidth=1.2)
+    curves.set(xlabel="optimizer step", ylabel="training cross-entropy (nats)", title="loss curves")
+    curves.legend(fontsize=8)
+    # each run minus its reference, step by step: the layouts against one GPU, the resumed runs against the
+    # uninterrupted FSDP run they branch from
+    for name, reference in (("ddp", "one"), ("fsdp", "one"), ("fsdp-resumed-fsdp", "fsdp"), ("fsdp-resumed-one", "fsdp"),
+                            ("distill-ddp", "distill-one"), ("distill-fsdp", "distill-one")):
+        if name in results and reference in results:
+            ref = dict(zip(results[reference]["steps"], results[reference]["loss"]))
+            steps = [s for s in results[name]["steps"] if s in ref]
+            loss = dict(zip(results[name]["steps"], results[name]["loss"]))
+            differences.plot(steps, [loss[s] - ref[s] for s in steps], "--" if "resumed" in name else "-",
+                             label=f"{name} - {reference}", linewidth=1.0)
+    differences.axhline(0, color="black", linewidth=0.5)
+    differences.set(xlabel="optimizer step", ylabel="difference (nats)", title="difference from the reference run")
+    differences.legend(fontsize=8)
     timed = [name for name in ("one", "ddp", "fsdp", "distill-one", "distill-ddp", "distill-fsdp") if name in results]
     rates = [results[n]["tokens_per_s_median"] or 0 for n in timed]
     axes[1][0].bar(timed, rates)
