@@ -78,19 +78,22 @@ def _token_ids(value) -> list[int]:
 
 
 def choose_tokens(logits, warpers, eos, min_new: int, produced, finished, pad_id: int, rows=None, sample=None):
-    """The next token of every row: (A, V) float32 logits -> (A,).
+    """The next token of every row: (A, V) logits -> (A,).
 
-    EOS is blocked while a row has fewer than `min_new` tokens; sampling (`sample`; by default when `warpers`
-    is not empty) draws
-    from the warped softmax by the exponential race argmax(p / E), E ~ Exp(1), which has the same distribution
-    as `torch.multinomial` and needs no host synchronisation; finished rows get `pad_id`. `rows` = (B, index):
-    the A rows are these of a batch of B; the draws are made for all B rows, so that the generator advances
-    the same whichever rows are left, and both engines draw the same numbers for a row.
+    `logits` may be in the model's dtype and are changed in place (callers pass a fresh tensor). Greedy picks
+    from them as they are, the token an exact float32 upcast would give, without a float32 copy of the
+    logits; sampling works in float32. EOS is blocked while a row has fewer than `min_new` tokens. Sampling
+    (`sample`; by default when `warpers` is not empty) draws from the warped softmax by the exponential race
+    argmax(p / E), E ~ Exp(1), which has the same distribution as `torch.multinomial` and needs no host
+    synchronisation; finished rows get `pad_id`. `rows` = (B, index): the A rows are these of a batch of B;
+    the draws are made for all B rows, so that the generator advances the same whichever rows are left, and
+    both engines draw the same numbers for a row.
     """
     if len(eos) and min_new:
         early = (produced < min_new)[:, None]  # (A, 1)
-        logits = logits.index_copy(1, eos, torch.where(early, float("-inf"), logits.index_select(1, eos)))
+        logits.index_copy_(1, eos, torch.where(early, float("-inf"), logits.index_select(1, eos)))
     if sample if sample is not None else bool(warpers):
+        logits = logits.float()
         probs = torch.softmax(warpers(None, logits) if warpers else logits, dim=-1)
         if rows is None:
             race = torch.empty_like(probs).exponential_()
@@ -285,20 +288,20 @@ def _attend(query, keys, values, plan: _Plan, options: dict):
 
 def _allowed(plan: _Plan, length: int, slots: int, window: int | None, device):
     """Which slots each query sees, broadcastable to (B, H_kv, G, q, S); None when all of them."""
-    kv_index = torch.arange(slots, device=device)
-    if plan.first_query is not None:  # token decoder: static slots, causal inside the window
-        last = plan.first_query + length - 1
-        if last == slots - 1 and length == 1 and (window is None or window >= slots):
-            return None
-        q_index = torch.arange(plan.first_query, last + 1, device=device)[:, None]  # (q, 1)
-        allowed = kv_index <= q_index
+    if plan.first_query is None:  # the block step: one query at slot `write`
+        allowed = plan.key_valid  # (B, S)
         if window is not None:
-            allowed = allowed & (kv_index > q_index - window)
-        return allowed  # (q, S)
-    allowed = plan.key_valid  # (B, S): the block step, one query at slot `write`
+            allowed = allowed & (torch.arange(slots, device=device) > plan.write - window)
+        return allowed[:, None, None, None, :]
+    last = plan.first_query + length - 1  # the token decoder: static slots, causal inside the window
+    if last == slots - 1 and length == 1 and (window is None or window >= slots):
+        return None
+    kv_index = torch.arange(slots, device=device)
+    q_index = torch.arange(plan.first_query, last + 1, device=device)[:, None]  # (q, 1)
+    allowed = kv_index <= q_index
     if window is not None:
-        allowed = allowed & (kv_index > plan.write - window)
-    return allowed[:, None, None, None, :]
+        allowed = allowed & (kv_index > q_index - window)
+    return allowed  # (q, S)
 
 
 def _original_attention(module, name: str):
@@ -594,7 +597,7 @@ class BlockGenerationMixin:
             logits = self.token_decoder(
                 inputs_embeds=embeds, position_ids=step_positions, use_cache=True, logits_to_keep=1,
                 **{cache_arg: cache},
-            ).logits[:, -1].float()  # (A, V)
+            ).logits[:, -1]  # (A, V)
             token = output.choose(logits, rows, forced[:, i], is_given=i < n_forced)  # (A,)
             block.append(token)
             if i + 1 < block_length:
@@ -719,7 +722,7 @@ class _BlockEngine:
             with planned(model.token_decoder, plan):
                 logits = model.token_decoder(
                     inputs_embeds=embeds, position_ids=self.token_positions[i], use_cache=False, logits_to_keep=1,
-                ).logits[:, -1].float()  # (B, V)
+                ).logits[:, -1]  # (B, V)
             chosen = choose_tokens(logits, rules.warpers, rules.eos, rules.min_new, self.produced, self.finished,
                                    rules.pad_id, sample=rules.sample)
             is_given = i < self.n_forced  # (B,)

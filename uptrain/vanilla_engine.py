@@ -105,7 +105,7 @@ class VanillaEngine:
         model = self.model
         with planned(model.base_model, plan):
             embeds = model.get_input_embeddings()(inputs.pop("ids"))
-            return model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1, **inputs).logits[:, -1].float()
+            return model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1, **inputs).logits[:, -1]  # (B, V)
 
     def _pick(self, logits):
         rules = self.rules
