@@ -1,20 +1,23 @@
 """Fast generation on a GPU (issue 13): token checks, then four engines' throughput -> JSON, PNG, kernel table.
 
-On the GPU machine, one command per part (each fits the 10-minute limit; results land in --out):
+On the GPU machine, one command per part (each fits the 10-minute limit; results land in --out). The numbers
+and exact commands of the last measurement are in docs/benchmarks.md:
 
     python benchmarks/generation_fast.py --out $OUT --parts check
-    python benchmarks/generation_fast.py --out $OUT --parts decode-heavy/block
-    python benchmarks/generation_fast.py --out $OUT --parts decode-heavy/vanilla,prefill-heavy
-    python benchmarks/generation_fast.py --out $OUT --parts profile --profile-batch 4096
+    python benchmarks/generation_fast.py --out $OUT --parts decode-heavy --budget-s 530
+    python benchmarks/generation_fast.py --out $OUT --parts profile,prefill-heavy --profile-batch 4096
+    python benchmarks/generation_fast.py --out $OUT --shape SmolLM2-360M --parts decode-heavy,prefill-heavy
 
-Here, after fetching the part files into one folder, render them together (JSON, one PNG a scenario, summary):
+Part files are named SHAPE-PART.json (and SHAPE-profile-batchN.txt). Here, after fetching them into one
+folder, render them together (results.json with roofline estimates, one PNG per shape and scenario, summary):
 
     python benchmarks/generation_fast.py --render FOLDER
 
 and on a CPU in seconds, tiny sizes, everything in one go: `python benchmarks/generation_fast.py --smoke --out DIR`.
 
-Models: the SmolLM2-135M shape (Llama, 30 layers, D 576, 9 heads, 3 KV heads, vocab 49,152, tied head) and its
-default conversion (15/15 layers, L_B 4, r 2), with random weights unless --gguf names SmolLM2's GGUF (real
+Models: the SmolLM2-135M shape (Llama, 30 layers, D 576, 9 heads, 3 KV heads, vocab 49,152, tied head) or
+SmolLM2-360M's (--shape; 32 layers, D 960, 15 heads, 5 KV heads) and its default conversion (half the layers
+each, L_B 4, r 2), with random weights unless --gguf names SmolLM2's GGUF (real
 weights; converted here in float32). Every JSON records which.
 
 - check: greedy tokens of the block model's fast engine (CUDA graphs) against its eager engine, float32 and
@@ -22,13 +25,15 @@ weights; converted here in float32). Every JSON records which.
   engine against transformers' greedy generate in float32 over 256 tokens. Float32 must be identical; bf16
   must agree on >= 99% of the tokens (a row that diverges once usually differs from there on, so the first
   divergence of each row is recorded too). Random weights give almost flat logits, where bf16 near-ties are
-  common: the bf16 criterion is meant for real weights.
+  common. Real weights do not rescue the 99%: any two engines whose kernels sum in different orders flip
+  near-ties (docs/benchmarks.md). benchmarks/bf16_agreement.py checks the sounder criterion on real weights
+  (every bf16 divergence starts at a float32 near-tie).
 - decode-heavy (128 -> 2,048) and prefill-heavy (2,048 -> 128): `uptrain.bench.measure` (random prompts,
   exactly the new tokens a row, greedy; CUDA-event timing, median of the repeats, torch's peak memory) for
   block fast, block eager, vanilla fast and vanilla hf (transformers' generate), each over its batch sizes
   until memory runs short or the part's time budget would be exceeded. The fast engines warm up once (that
   run builds the buffers and captures the graphs), then 2 timed runs; the eager ones, host-bound and slow,
-  run once untimed-free (no warm-up, 1 run: they follow the fast engines in the same process).
+  run once with no warm-up (they follow the fast engines in the same process).
 - profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
   --profile-batch: the kernel table sorted by device time.
 """
@@ -51,20 +56,27 @@ SMOLLM2 = {
     "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "rope_theta": 100000.0,
 }
+SHAPES = {  # --shape: name -> Llama config fields (SmolLM2-360M: 32 layers, width 960, 15 heads, 5 KV heads)
+    "SmolLM2-135M": SMOLLM2,
+    "SmolLM2-360M": {**SMOLLM2, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                     "num_attention_heads": 15, "num_key_value_heads": 5},
+}
 TINY = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
     "vocab_size": 512, "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
 }
+# Peak dense bf16 FLOP/s and memory bandwidth (bytes/s) of the cards the roofline knows, from the vendors' sheets.
+CARDS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 ENGINES = [("block", "fast"), ("block", "eager"), ("vanilla", "fast"), ("vanilla", "hf")]
 # Batch sizes tried per (scenario, model, engine) on an 80 GB H100; a sweep stops at the first out-of-memory.
 GPU_BATCHES = {
     ("decode-heavy", "block", "fast"): [256, 1024, 4096, 8192, 16384],
     ("decode-heavy", "block", "eager"): [256, 4096],
-    ("decode-heavy", "vanilla", "fast"): [64, 256, 1024],
+    ("decode-heavy", "vanilla", "fast"): [64, 256, 512, 1024],
     ("decode-heavy", "vanilla", "hf"): [256],
     ("prefill-heavy", "block", "fast"): [256, 1024, 4096],
     ("prefill-heavy", "block", "eager"): [256, 1024],
-    ("prefill-heavy", "vanilla", "fast"): [64, 256, 1024],
+    ("prefill-heavy", "vanilla", "fast"): [64, 256, 512, 1024],
     ("prefill-heavy", "vanilla", "hf"): [256],
 }
 SCENARIOS = {"decode-heavy": (128, 2048), "prefill-heavy": (2048, 128)}
@@ -77,6 +89,7 @@ def parse():
     parser.add_argument("--parts", default="check,decode-heavy,prefill-heavy,profile",
                         help="Comma-separated: check, decode-heavy, prefill-heavy (or SCENARIO/block, SCENARIO/vanilla), profile.")
     parser.add_argument("--smoke", action="store_true", help="Tiny model on the CPU, tiny sizes: checks the script runs.")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="SmolLM2-135M", help="Model shape (random weights).")
     parser.add_argument("--gguf", type=Path, help="SmolLM2-135M GGUF: real weights (default: random weights).")
     parser.add_argument("--device", default=None, help="Default: cuda if there is one, else cpu.")
     parser.add_argument("--budget-s", type=float, default=540, help="Skip measurements predicted to end later than this.")
@@ -92,13 +105,14 @@ class Run:
         self.args = args
         self.started = time.perf_counter()
         self.device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-        self.shape = TINY if args.smoke else SMOLLM2
+        self.shape_name = "tiny" if args.smoke else args.shape
+        self.shape = TINY if args.smoke else SHAPES[args.shape]
         self.scenarios = SMOKE_SCENARIOS if args.smoke else SCENARIOS
         self.weights = f"real ({args.gguf.name})" if args.gguf else "random"
         self.out = args.out
         self.out.mkdir(parents=True, exist_ok=True)
         self.models = {}
-        self.facts = {**environment(self.device), "weights": self.weights, "shape": "tiny" if args.smoke else "SmolLM2-135M"}
+        self.facts = {**environment(self.device), "weights": self.weights}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -107,7 +121,9 @@ class Run:
         print(f"[{self.elapsed():6.1f}s] {text}", flush=True)
 
     def write(self, name: str, payload: dict):
-        (self.out / name).write_text(json.dumps({"environment": self.facts, **payload}, indent=2) + "\n")
+        """One part file, named after the shape: parts of several shapes can share a folder."""
+        record = {"environment": self.facts, "shape": self.shape_name, "config": self.shape, **payload}
+        (self.out / f"{self.shape_name}-{name}").write_text(json.dumps(record, indent=2) + "\n")
 
     # -- models -------------------------------------------------------------------------------------------
 
@@ -261,7 +277,7 @@ class Run:
         table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
         header = (f"block fast engine, batch {batch}, prompt {prompt_len}, {new} new tokens, "
                   f"{self.facts.get('gpu', self.device)}, weights {self.weights}\n")
-        (self.out / f"profile-batch{batch}.txt").write_text(header + table + "\n")
+        (self.out / f"{self.shape_name}-profile-batch{batch}.txt").write_text(header + table + "\n")
         self.log(f"profile at batch {batch} written")
 
 
@@ -296,56 +312,113 @@ def compare(fast: torch.Tensor, reference: torch.Tensor) -> dict:
 # -- rendering --------------------------------------------------------------------------------------------
 
 
+def roofline(config: dict, kind: str, prompt_len: int, gen_len: int, batch: int, card: str) -> float | None:
+    """Upper bound on generated tokens/s for a batch: each phase (prefill, each decoding step) takes at least its
+    FLOPs over the card's peak and its bytes (bf16 weights once per step for the whole batch, the KV cache read
+    by every row) over the card's bandwidth. Block models: the default conversion (half the layers each, L_B 4,
+    r 2), the r prefix positions in one token-decoder pass, then one pass per further token."""
+    if card not in CARDS:
+        return None
+    peak, bandwidth = CARDS[card]
+    d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    head_dim = config.get("head_dim", d // config["num_attention_heads"])
+    q_width, kv_width = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    layer = d * q_width * 2 + d * kv_width * 2 + 3 * d * config["intermediate_size"]  # matmul weights of one layer
+    kv_bytes = 2 * kv_width * 2  # K and V of one position of one layer, bf16
+    attention = 4 * q_width  # FLOPs per query position, per layer, per attended position (scores and values)
+
+    def phase(flops: float, weight_bytes: float, cache_bytes: float) -> float:  # seconds for the whole batch
+        return max(batch * flops / peak, (weight_bytes + batch * cache_bytes) / bandwidth)
+
+    if kind == "vanilla":
+        seconds = phase(2 * prompt_len * layers * layer + layers * attention * prompt_len**2 / 2 + 2 * vocab * d,
+                        2 * (layers * layer + vocab * d), layers * kv_bytes * prompt_len)
+        for step in range(gen_len):
+            context = prompt_len + step
+            seconds += phase(2 * (layers * layer + vocab * d) + layers * attention * context,
+                             2 * (layers * layer + vocab * d), layers * kv_bytes * context)
+        return batch * gen_len / seconds
+    block_length, prefix = 4, 2
+    lower, upper = layers // 2, layers - layers // 2
+    extra = block_length * d * d + d * prefix * d  # embedder projection, prefix expansion
+    blocks = prompt_len // block_length
+    seconds = phase(2 * blocks * (lower * layer + extra) + lower * attention * blocks**2 / 2,
+                    2 * (lower * layer + extra), lower * kv_bytes * blocks)
+    for step in range(gen_len // block_length):
+        context = blocks + step
+        seconds += phase(2 * (lower * layer + extra) + lower * attention * context,
+                         2 * (lower * layer + extra), lower * kv_bytes * context)  # block step
+        window = prefix + block_length - 1
+        seconds += phase(2 * window * upper * layer + upper * attention * window**2 / 2 + 2 * block_length * vocab * d,
+                         block_length * 2 * (upper * layer + vocab * d), upper * kv_bytes * window)  # token steps
+    return batch * gen_len / seconds
+
+
+def card_of(facts: dict) -> str:
+    return next((card for card in CARDS if card in facts.get("gpu", "")), "")
+
+
 def render(folder: Path, merged_json: bool = True) -> str:
-    """SCENARIO.png, summary.md and (merged_json) results.json from every part file in `folder`; returns the
-    summary. A run renders its own parts without results.json: at most 8 files come back from a GPU call."""
-    merged = {"scenarios": {}}
+    """SHAPE-SCENARIO.png, summary.md and (merged_json) results.json from every part file in `folder`; returns
+    the summary. A run renders its own parts without results.json: at most 8 files come back from a GPU call."""
+    merged = {"shapes": {}}
     for path in sorted(folder.glob("*.json")):
         if path.name == "results.json":
             continue
         part = json.loads(path.read_text())
-        merged.setdefault("environment", part["environment"])
-        if path.name == "check.json":
-            merged["check"] = part
+        shape = merged["shapes"].setdefault(part["shape"], {"config": part["config"], "environment": part["environment"],
+                                                            "scenarios": {}})
+        if "passed" in part:
+            shape["check"] = part
         elif "scenario" in part:
-            target = merged["scenarios"].setdefault(part["scenario"], {k: part[k] for k in ("prompt_len", "gen_len")} | {"results": {}})
+            target = shape["scenarios"].setdefault(part["scenario"], {k: part[k] for k in ("prompt_len", "gen_len")} | {"results": {}})
             target["results"].update(part["results"])
+    for shape in merged["shapes"].values():
+        card = card_of(shape["environment"])
+        for data in shape["scenarios"].values():
+            batches = sorted({r["batch_size"] for rows in data["results"].values() for r in rows})
+            data["roofline"] = {kind: {b: roofline(shape["config"], kind, data["prompt_len"], data["gen_len"], b, card)
+                                       for b in batches} for kind in ("block", "vanilla")}
     if merged_json:
         (folder / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
-    lines = ["# Fast generation", "", f"Environment: {merged.get('environment')}", ""]
-    if "check" in merged:
-        check = merged["check"]
-        lines += ["## Token checks", "", f"passed: {check['passed']}", ""]
-        for key in ("block float32", "block bfloat16", "vanilla float32"):
-            lines.append(f"- {key}: identical {check[key]['identical']}, token agreement "
-                         f"{check[key]['token_agreement']:.4f}, first divergence per row {check[key]['first_divergence']}")
-        lines.append("")
-    for scenario, data in merged["scenarios"].items():
-        lines += [f"## {scenario}: {data['prompt_len']} -> {data['gen_len']}", "",
-                  "| engine | batch | tokens/s | ms/token | peak GiB | runs (s) |", "|---|---|---|---|---|---|"]
-        best = {}
-        for label, rows in data["results"].items():
-            for r in rows:
-                if "tokens_per_second" not in r:
-                    lines.append(f"| {label} | {r['batch_size']} | {'out of memory' if r.get('out_of_memory') else r.get('skipped')} | | | |")
-                    continue
-                best[label] = max(best.get(label, 0), r["tokens_per_second"])
-                memory = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "n/a"
-                runs = ", ".join(f"{s:.2f}" for s in r["all_seconds"])
-                lines.append(f"| {label} | {r['batch_size']} | {r['tokens_per_second']:,.0f} | {r['ms_per_token']:.2f} | {memory} | {runs} |")
-        lines.append("")
-        for ours, theirs in (("block fast", "vanilla fast"), ("block fast", "vanilla hf"), ("block fast", "block eager"),
-                             ("vanilla fast", "vanilla hf")):
-            if ours in best and theirs in best:
-                lines.append(f"- best {ours} / best {theirs}: {best[ours] / best[theirs]:.2f}x")
-        lines.append("")
-        draw(scenario, data, merged.get("environment", {}), folder / f"{scenario}.png")
+    lines = ["# Fast generation", ""]
+    for name, shape in merged["shapes"].items():
+        lines += [f"# {name}", "", f"Environment: {shape['environment']}", ""]
+        if "check" in shape:
+            check = shape["check"]
+            lines += ["## Token checks", "", f"passed: {check['passed']}", ""]
+            for key in ("block float32", "block bfloat16", "vanilla float32"):
+                lines.append(f"- {key}: identical {check[key]['identical']}, token agreement "
+                             f"{check[key]['token_agreement']:.4f}, first divergence per row {check[key]['first_divergence']}")
+            lines.append("")
+        for scenario, data in shape["scenarios"].items():
+            lines += [f"## {name} {scenario}: {data['prompt_len']} -> {data['gen_len']}", "",
+                      "| engine | batch | tokens/s | roofline tokens/s | ms/token | peak GiB | runs (s) |", "|---|---|---|---|---|---|---|"]
+            best = {}
+            for label, rows in data["results"].items():
+                for r in rows:
+                    if "tokens_per_second" not in r:
+                        lines.append(f"| {label} | {r['batch_size']} | {'out of memory' if r.get('out_of_memory') else r.get('skipped')} | | | | |")
+                        continue
+                    best[label] = max(best.get(label, 0), r["tokens_per_second"])
+                    bound = data["roofline"][label.split()[0]][r["batch_size"]]
+                    memory = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "n/a"
+                    runs = ", ".join(f"{s:.2f}" for s in r["all_seconds"])
+                    lines.append(f"| {label} | {r['batch_size']} | {r['tokens_per_second']:,.0f} | "
+                                 f"{f'{bound:,.0f}' if bound else 'n/a'} | {r['ms_per_token']:.2f} | {memory} | {runs} |")
+            lines.append("")
+            for ours, theirs in (("block fast", "vanilla fast"), ("block fast", "vanilla hf"), ("block fast", "block eager"),
+                                 ("vanilla fast", "vanilla hf")):
+                if ours in best and theirs in best:
+                    lines.append(f"- best {ours} / best {theirs}: {best[ours] / best[theirs]:.2f}x")
+            lines.append("")
+            draw(f"{name} {scenario}", data, shape["environment"], folder / f"{name}-{scenario}.png")
     summary = "\n".join(lines)
     (folder / "summary.md").write_text(summary + "\n")
     return summary
 
 
-def draw(scenario: str, data: dict, facts: dict, path: Path):
+def draw(title: str, data: dict, facts: dict, path: Path):
     try:
         import matplotlib
 
@@ -358,11 +431,16 @@ def draw(scenario: str, data: dict, facts: dict, path: Path):
         points = [r for r in rows if "tokens_per_second" in r]
         if points:
             axes.plot([r["batch_size"] for r in points], [r["tokens_per_second"] for r in points], marker="o", label=label)
+    for kind, bounds in data.get("roofline", {}).items():
+        points = sorted((int(b), v) for b, v in bounds.items() if v)
+        if points:
+            axes.plot(*zip(*points), linestyle="--", color="grey" if kind == "vanilla" else "black", alpha=0.6,
+                      label=f"{kind} roofline")
     axes.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s",
-             title=f"{scenario}: {data['prompt_len']} -> {data['gen_len']} ({facts.get('gpu', facts.get('device'))}, "
+             title=f"{title}: {data['prompt_len']} -> {data['gen_len']}\n({facts.get('gpu', facts.get('device'))}, "
                    f"{facts.get('weights')} weights)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
