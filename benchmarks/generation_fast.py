@@ -31,7 +31,8 @@ weights; converted here in float32). Every JSON records which.
 - decode-heavy (128 -> 2,048) and prefill-heavy (2,048 -> 128): `uptrain.bench.measure` (random prompts,
   exactly the new tokens a row, greedy; CUDA-event timing, median of the repeats, torch's peak memory) for
   block fast, block eager, vanilla fast and vanilla hf (transformers' generate), each over its batch sizes
-  until memory runs short or the part's time budget would be exceeded. The fast engines warm up once (that
+  until memory runs short or the part's time budget would be exceeded (a run's time extrapolated from the
+  last two batch sizes). The fast engines warm up once (that
   run builds the buffers and captures the graphs), then 2 timed runs; the eager ones, host-bound and slow,
   run once with no warm-up (they follow the fast engines in the same process).
 - profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
@@ -40,6 +41,7 @@ weights; converted here in float32). Every JSON records which.
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -231,8 +233,8 @@ class Run:
             last = None
             for size in sizes:
                 runs = settings.warmup + settings.repeats
-                if last is not None:  # time per run grows at most linearly with the batch
-                    predicted = last["seconds"] * size / last["batch_size"] * runs + 30
+                if last is not None:
+                    predicted = predicted_seconds(results[label], size) * runs + 30
                     if self.elapsed() + predicted > self.args.budget_s:
                         results[label].append({"batch_size": size, "skipped": f"predicted {predicted:.0f} s"})
                         self.log(f"{scenario} {label} batch {size}: skipped (predicted {predicted:.0f} s)")
@@ -279,6 +281,19 @@ class Run:
                   f"{self.facts.get('gpu', self.device)}, weights {self.weights}\n")
         (self.out / f"{self.shape_name}-profile-batch{batch}.txt").write_text(header + table + "\n")
         self.log(f"profile at batch {batch} written")
+
+
+def predicted_seconds(measured: list[dict], size: int) -> float:
+    """Seconds of one run at batch `size`, extrapolated from the last two measured sizes: time grows as
+    batch^a, with a from those two, kept between 0.5 and 1 (a run never gets cheaper with a larger batch,
+    and grows at most linearly once the GPU is full); linear when only one size was measured."""
+    points = [r for r in measured if "seconds" in r][-2:]
+    last = points[-1]
+    exponent = 1.0
+    if len(points) == 2 and points[0]["batch_size"] != last["batch_size"]:
+        ratio = math.log(last["seconds"] / points[0]["seconds"]) / math.log(last["batch_size"] / points[0]["batch_size"])
+        exponent = min(1.0, max(0.5, ratio))
+    return last["seconds"] * (size / last["batch_size"]) ** exponent
 
 
 def measure_dict(model, settings, size, engine) -> dict:

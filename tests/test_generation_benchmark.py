@@ -1,0 +1,41 @@
+"""benchmarks/generation_fast.py's arithmetic: the roofline against a closed form (a vanilla decode at a huge
+batch is bound by reading the KV cache, so its time per row is the sum over steps of cache bytes over
+bandwidth), and the run-time extrapolation that decides which batch sizes fit the time budget."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from generation_fast import CARDS, SHAPES, predicted_seconds, roofline  # noqa: E402
+
+
+def test_vanilla_decode_at_huge_batch_is_the_kv_cache_bandwidth_bound():
+    config, (prompt, new) = SHAPES["SmolLM2-135M"], (128, 2048)
+    _, bandwidth = CARDS["H100"]
+    # K and V, 3 KV heads x 64, 30 layers, bf16: 23,040 bytes per cached position
+    kv_bytes = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 2
+    positions_read = sum(prompt + step for step in range(new))  # per row, over the decoding steps
+    expected = new / (kv_bytes * positions_read / bandwidth)
+    assert roofline(config, "vanilla", prompt, new, 2**22, "H100") == pytest.approx(expected, rel=0.01)
+
+
+def test_block_bound_exceeds_vanilla_and_unknown_cards_have_none():
+    config = SHAPES["SmolLM2-360M"]
+    for prompt, new in ((128, 2048), (2048, 128)):
+        assert roofline(config, "block", prompt, new, 4096, "H100") > 4 * roofline(config, "vanilla", prompt, new, 4096, "H100")
+    assert roofline(config, "block", 128, 2048, 4096, "unknown card") is None
+
+
+def test_run_time_extrapolates_from_the_last_two_batches_between_square_root_and_linear():
+    host_bound = [{"batch_size": 64, "seconds": 10.0}, {"batch_size": 256, "seconds": 10.5}]
+    assert predicted_seconds(host_bound, 1024) == pytest.approx(21.0)  # exponent clamped up to 0.5
+    full = [{"batch_size": 1024, "seconds": 10.0}, {"batch_size": 4096, "seconds": 80.0}]
+    assert predicted_seconds(full, 8192) == pytest.approx(160.0)  # exponent clamped down to 1
+    between = [{"batch_size": 100, "seconds": 4.0}, {"batch_size": 400, "seconds": 12.0}]
+    exponent = math.log(3) / math.log(4)
+    assert predicted_seconds(between, 1600) == pytest.approx(12.0 * 4**exponent)
+    assert predicted_seconds(between[:1] + [{"batch_size": 200, "out_of_memory": True}], 400) == pytest.approx(16.0)
