@@ -16,7 +16,7 @@ Runs (`--runs`, comma-separated; default all): one, ddp, fsdp, resume (the fsdp 
 middle checkpoint and resumed under FSDP and on one GPU; needs fsdp), distill (one, ddp and fsdp with
 `distill.enabled`, teacher = the random-weight vanilla source, `--distill-steps` steps). A call adds to what
 earlier calls measured in OUT_DIR (device commands are limited in time), so the set can be split:
-`--runs one,ddp,fsdp` then `--runs resume,distill`. Then OUT_DIR holds runs/NAME.jsonl (each run's train
+`--runs one,ddp,fsdp` then `--runs resume,distill`, or run by run (`--runs distill-one,distill-ddp`). Then OUT_DIR holds runs/NAME.jsonl (each run's train
 log), runs/NAME.json (its summary), multi-gpu.json (the comparison) and multi-gpu.png.
 
 `--cpu` runs the same pipeline on CPU processes (gloo; FSDP through tests/fsdp_on_cpu.py) to check the
@@ -45,6 +45,8 @@ CLI = REPO / "cli.py"
 FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu.py"
 GROUPS = {"one": ["one"], "ddp": ["ddp"], "fsdp": ["fsdp"], "resume": ["fsdp-resumed-fsdp", "fsdp-resumed-one"],
           "distill": ["distill-one", "distill-ddp", "distill-fsdp"]}
+# a group's runs can be named one by one too, to split a group over calls of limited length
+GROUPS.update({name: [name] for names in list(GROUPS.values()) for name in names})
 SKIP_STEPS = 5  # first steps left out of the throughput median: compilation, allocator warm-up
 
 
