@@ -34,6 +34,9 @@ VARIANTS = {
     "block-fast-compile-mb16": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=16),
     "block-fast-compile-mb32": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=32),
     "block-fast-compile-mb64": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=64),
+    # distillation: the teacher is the random-weight vanilla source, frozen, in bf16
+    "block-distill-compile-mb16": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=16,
+                                       **{"distill.enabled": True}),
     "vanilla-plain-mb16": dict(architecture="vanilla", fast_loss=False, compile=False, micro_batch_size=16),
     "vanilla-fast-compile-mb16": dict(architecture="vanilla", fast_loss=True, compile=True, micro_batch_size=16),
     "vanilla-fast-compile-mb32": dict(architecture="vanilla", fast_loss=True, compile=True, micro_batch_size=32),
@@ -87,6 +90,8 @@ def run_variant(name: str, overrides: dict, sources: dict, data: Path, work: Pat
     micro = overrides["micro_batch_size"]
     values = dict(source=sources[overrides["architecture"]], data=data, output_dir=work / f"run-{name}", tracker="none",
                   global_batch_size=micro * accumulation, max_steps=warmup + steps, warmup_steps=2, **overrides)
+    if overrides.get("distill.enabled"):
+        values["distill.teacher"] = sources["vanilla"]
     recipe = load_recipe(RECIPE, [f"{key}={value}" for key, value in values.items()] + extra)
     trainer = Trainer(recipe)
     started = time.perf_counter()

@@ -55,6 +55,24 @@ def test_distillation_fast_equals_plain(tiny_source, converted):
     assert_same_training_signal(student, ids, teacher=teacher.eval(), distill_weight=0.3, temperature=2.0)
 
 
+def test_compiled_fast_path_equals_plain(tiny_source, converted):
+    """The GPU recipe's path: states of student and teacher each compiled as one graph, the chunk loss and its
+    gradient compiled, against the eager plain path; block and vanilla, with distillation."""
+    _, teacher = tiny_source("llama")
+    student = load_block_model(converted("llama"))
+    use_window_attention(student)
+    ids = torch.randint(4, 128, (2, 32), generator=torch.Generator().manual_seed(3))
+    for model in (student, teacher):
+        settings = dict(teacher=teacher.eval(), distill_weight=0.3, temperature=2.0)
+        plain = gradients(model, NextTokenObjective(model, fast=False, **settings), ids)
+        compiled = gradients(model, NextTokenObjective(model, fast=True, chunk_rows=13, compile_loss=True,
+                                                       compile_states=True, **settings), ids)
+        torch.testing.assert_close(compiled[0], plain[0], rtol=1e-5, atol=0)
+        assert compiled[2].keys() == plain[2].keys()
+        for name, expected in plain[2].items():
+            torch.testing.assert_close(compiled[2][name], expected, rtol=0, atol=1e-4 * float(expected.abs().max()), msg=name)
+
+
 def test_soft_capped_logits(tmp_path):
     """Gemma-style final soft cap (tanh), strong enough to matter: the transform is applied and differentiated."""
     config = FAMILIES["gemma3_text"]()

@@ -34,14 +34,19 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 class ChunkGradient:
-    """(gradient w.r.t. the logits, (loss, reported)) of a chunk loss; built once per run, so that the
-    compiled version (one fused kernel for softmax, loss and gradient instead of several passes over the
-    chunk's logits) is compiled once, not at every step."""
+    """(gradient w.r.t. the logits, (loss, reported)) of a chunk loss, for logits and gradient in the head's
+    compute dtype while the loss runs in float32; built once per run, so that the compiled version (one
+    fused kernel for the upcast, softmax, loss, gradient and its downcast, instead of several passes over
+    the chunk's logits) is compiled once, not at every step."""
 
     def __init__(self, chunk_loss: ChunkLoss, compile: bool = False):
-        self.function = torch.func.grad_and_value(chunk_loss, has_aux=True)
-        if compile:
-            self.function = torch.compile(self.function)
+        gradient = torch.func.grad_and_value(chunk_loss, has_aux=True)
+
+        def in_logits_dtype(logits, *row_inputs):  # logits (C, V) -> gradient (C, V), same dtype
+            grad, aux = gradient(logits.float(), *row_inputs)
+            return grad.to(logits.dtype), aux
+
+        self.function = torch.compile(in_logits_dtype) if compile else in_logits_dtype
 
     def __call__(self, logits, *row_inputs):
         return self.function(logits, *row_inputs)
@@ -64,10 +69,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 end = min(start + chunk_rows, h.shape[0])
                 h_chunk = h[start:end]  # (C, D)
                 logits = h_chunk @ w.T if b is None else torch.addmm(b, h_chunk, w.T)  # (C, V)
-                grad_logits, (chunk, reported) = gradient(logits.float(), *(t[start:end] for t in row_inputs))
+                grad_logits, (chunk, reported) = gradient(logits, *(t[start:end] for t in row_inputs))  # (C, V)
                 loss += chunk
                 report += reported
-                grad_logits = grad_logits.to(dtype)  # (C, V)
                 torch.mm(grad_logits, w, out=grad_hidden[start:end])
                 grad_weight += grad_logits.T @ h_chunk
                 if grad_bias is not None:

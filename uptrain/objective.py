@@ -55,7 +55,11 @@ class NextTokenObjective(nn.Module):
 
     def __init__(self, model: nn.Module, fast: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 1.0,
-                 compile_loss: bool = False):
+                 compile_loss: bool = False, compile_states: bool = False):
+        """compile_loss: the chunk loss and its gradient as one compiled function; compile_states: the fast
+        path's states (student and teacher) as one graph each, from token ids to final states, so that the
+        embeddings, the window gathers and the casts around the decoder stacks fuse with them (not under
+        FSDP, whose per-layer hooks cut graphs anyway; see `compile_decoders`)."""
         super().__init__()
         self.model = model
         self.fast = fast
@@ -70,6 +74,18 @@ class NextTokenObjective(nn.Module):
             t_weight, t_bias, t_transform = output_head(teacher)
             chunk_loss = distillation_chunks(t_weight, t_bias, distill_weight, temperature, transform, t_transform)
         self.chunk_gradient = ChunkGradient(chunk_loss, compile=compile_loss)
+        self.student_rows, self.teacher_rows = self._student_rows, self._teacher_rows
+        if compile_states:
+            self.student_rows, self.teacher_rows = torch.compile(self._student_rows), torch.compile(self._teacher_rows)
+
+    def _student_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B*(T-1), D) final states of the model, one row per predicted token."""
+        return next_token_states(self.model, ids).flatten(0, 1)
+
+    def _teacher_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B*(T-1), D) final states of the teacher, without gradients."""
+        with torch.no_grad():
+            return next_token_states(self.teacher, ids).flatten(0, 1)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -100,12 +116,11 @@ class NextTokenObjective(nn.Module):
         return loss, ce.detach()
 
     def fast_loss(self, ids):
-        states = next_token_states(self.model, ids).flatten(0, 1)  # (B*(T-1), D)
+        states = self.student_rows(ids)  # (B*(T-1), D)
         labels = ids[:, 1:].flatten()  # (B*(T-1),)
         row_inputs = (labels,)
         if self.teacher is not None:
-            with torch.no_grad():
-                row_inputs += (next_token_states(self.teacher, ids).flatten(0, 1),)  # (B*(T-1), D)
+            row_inputs += (self.teacher_rows(ids),)  # (B*(T-1), D)
         weight, bias, _ = output_head(self.model)
         total, reported = chunked_head_loss(states, weight, bias, self.chunk_gradient, row_inputs, self.chunk_rows)
         count = labels.numel()

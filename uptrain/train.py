@@ -227,7 +227,8 @@ class Trainer:
                 name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
                 setattr(config, name, max(getattr(config, name), 2 * len(decoder_layers(model)) + 8))
         objective = NextTokenObjective(model, fast=fast, teacher=teacher, distill_weight=recipe.distill.weight,
-                                       temperature=recipe.distill.temperature, compile_loss=recipe.compile)
+                                       temperature=recipe.distill.temperature, compile_loss=recipe.compile,
+                                       compile_states=recipe.compile and not self.sharded)
         if self.sharded and recipe.precision in HALF_PRECISION:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
