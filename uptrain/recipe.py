@@ -65,7 +65,7 @@ class Recipe:
     resume: str = "auto"  # auto | none | a checkpoint folder
     tracker: str = "tensorboard"
     fast_loss: bool = True  # LM head + loss in row chunks, never the full logits (false: the plain path)
-    compile: bool = False  # torch.compile both decoder stacks (worth it on a GPU; compiling takes a minute or two)
+    compile: bool = False  # torch.compile the model, ids to final states, and the chunk loss (worth it on a GPU; 1-2 minutes)
     new_parts_first: int = 0  # block uptraining: steps during which only the embedder, expansion and start context learn
     distill: DistillSection = field(default_factory=DistillSection)
 
