@@ -16,8 +16,9 @@ Runs (`--runs`, comma-separated; default all): one, ddp, fsdp, resume (the fsdp 
 middle checkpoint and resumed under FSDP and on one GPU; needs fsdp), distill (one, ddp and fsdp with
 `distill.enabled`, teacher = the random-weight vanilla source, `--distill-steps` steps). A call adds to what
 earlier calls measured in OUT_DIR (device commands are limited in time), so the set can be split:
-`--runs one,ddp,fsdp` then `--runs resume,distill`, or run by run (`--runs distill-one,distill-ddp`). Then OUT_DIR holds runs/NAME.jsonl (each run's train
-log), runs/NAME.json (its summary), multi-gpu.json (the comparison) and multi-gpu.png.
+`--runs one,ddp,fsdp` then `--runs resume,distill`, or run by run (`--runs distill-one,distill-ddp`). Then
+OUT_DIR holds runs/NAME.jsonl (each run's train log), runs/NAME.json (its summary), multi-gpu.json (the
+comparison) and multi-gpu.png.
 
 `--cpu` runs the same pipeline on CPU processes (gloo; FSDP through tests/fsdp_on_cpu.py) to check the
 script without a GPU; give it a tiny CONFIG_DIR and small `--set` sizes.
