@@ -69,7 +69,9 @@ TINY = {
 }
 # Peak dense bf16 FLOP/s and memory bandwidth (bytes/s) of the cards the roofline knows, from the vendors' sheets.
 CARDS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
-ENGINES = [("block", "fast"), ("block", "eager"), ("vanilla", "fast"), ("vanilla", "hf")]
+ENGINES = [("block", "fast"), ("block", "eager"), ("vanilla", "fast"), ("vanilla", "hf"),
+           ("block", "compiled"), ("vanilla", "compiled")]
+DEFAULT_ENGINES = ("fast", "eager", "hf")  # "compiled" (steps through torch.compile) runs when a part names it
 # Batch sizes tried per (scenario, model, engine) on an 80 GB H100; a sweep stops at the first out-of-memory.
 GPU_BATCHES = {
     ("decode-heavy", "block", "fast"): [256, 1024, 4096, 8192, 16384],
@@ -81,6 +83,8 @@ GPU_BATCHES = {
     ("prefill-heavy", "vanilla", "fast"): [64, 256, 512, 1024],
     ("prefill-heavy", "vanilla", "hf"): [256],
 }
+GPU_BATCHES.update({(scenario, kind, "compiled"): sizes for (scenario, kind, engine), sizes in list(GPU_BATCHES.items())
+                    if engine == "fast"})
 SCENARIOS = {"decode-heavy": (128, 2048), "prefill-heavy": (2048, 128)}
 SMOKE_SCENARIOS = {"decode-heavy": (8, 64), "prefill-heavy": (64, 8)}
 
@@ -89,7 +93,8 @@ def parse():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="Folder for the part files (JSON, PNG, kernel table).")
     parser.add_argument("--parts", default="check,decode-heavy,prefill-heavy,profile",
-                        help="Comma-separated: check, decode-heavy, prefill-heavy (or SCENARIO/block, SCENARIO/vanilla), profile.")
+                        help="Comma-separated: check, decode-heavy, prefill-heavy (or SCENARIO/block, SCENARIO/vanilla, "
+                             "SCENARIO/KIND/ENGINE, e.g. decode-heavy/block/compiled), profile.")
     parser.add_argument("--smoke", action="store_true", help="Tiny model on the CPU, tiny sizes: checks the script runs.")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="SmolLM2-135M", help="Model shape (random weights).")
     parser.add_argument("--gguf", type=Path, help="SmolLM2-135M GGUF: real weights (default: random weights).")
@@ -186,15 +191,17 @@ class Run:
         for dtype in (torch.float32, torch.bfloat16):
             model = self.model("block", dtype)
             timings, outputs = {}, {}
-            for engine in ("eager", "fast"):
+            for engine in ("eager", "fast", "compiled"):
                 started = time.perf_counter()
-                outputs[engine] = model.generate(ids, attention_mask=mask, engine=engine, **greedy)[:, ids.shape[1]:]
+                options = {"engine": "fast", "compile_steps": True} if engine == "compiled" else {"engine": engine}
+                outputs[engine] = model.generate(ids, attention_mask=mask, **options, **greedy)[:, ids.shape[1]:]
                 synchronize(self.device)
                 timings[engine] = time.perf_counter() - started
-            model.release_generation_engine()
+                model.release_generation_engine()
             name = str(dtype).removeprefix("torch.")
             report[f"block {name}"] = {**compare(outputs["fast"], outputs["eager"]), "seconds": timings}
-            self.log(f"block {name}: {report[f'block {name}']}")
+            report[f"block compiled {name}"] = compare(outputs["compiled"], outputs["eager"])
+            self.log(f"block {name}: {report[f'block {name}']}; compiled: {report[f'block compiled {name}']}")
         from uptrain.vanilla_engine import generate_static, release
 
         vanilla = self.model("vanilla", torch.float32)
@@ -206,6 +213,7 @@ class Run:
         self.log(f"vanilla float32: {report['vanilla float32']}")
         report["passed"] = {
             "block float32 identical": report["block float32"]["identical"],
+            "block compiled float32 identical": report["block compiled float32"]["identical"],
             "block bfloat16 >= 99% of tokens": report["block bfloat16"]["token_agreement"] >= 0.99,
             "vanilla float32 identical": report["vanilla float32"]["identical"],
         }
@@ -213,15 +221,16 @@ class Run:
 
     # -- throughput ---------------------------------------------------------------------------------------
 
-    def scenario(self, scenario: str, kinds: tuple[str, ...]):
+    def scenario(self, scenario: str, kinds: tuple[str, ...], engines: tuple[str, ...] = DEFAULT_ENGINES):
         prompt_len, gen_len = self.scenarios[scenario]
         dtype = torch.float32 if self.args.smoke else torch.bfloat16
         results = {}
+        name = "-".join([scenario, *kinds] + ([] if engines == DEFAULT_ENGINES else list(engines)))  # the part file
         for kind, engine in ENGINES:
-            if kind not in kinds:
+            if kind not in kinds or engine not in engines:
                 continue
             sizes = [1, 4] if self.args.smoke else GPU_BATCHES[(scenario, kind, engine)]
-            fast = engine == "fast"
+            fast = engine in ("fast", "compiled")
             settings = BenchSettings(
                 scenario="custom", prompt_len=prompt_len, gen_len=gen_len, batch_sizes=sizes,
                 warmup=1 if fast else 0, repeats=2 if fast else 1, device=self.device,
@@ -250,8 +259,8 @@ class Run:
                     break
                 finally:
                     _release_engines(model)
-                self.write(f"{scenario}-{'-'.join(kinds)}.json", self._scenario_payload(scenario, results))
-        self.write(f"{scenario}-{'-'.join(kinds)}.json", self._scenario_payload(scenario, results))
+                self.write(f"{name}.json", self._scenario_payload(scenario, results))
+        self.write(f"{name}.json", self._scenario_payload(scenario, results))
         return results
 
     def _scenario_payload(self, scenario, results):
@@ -402,7 +411,10 @@ def render(folder: Path, merged_json: bool = True) -> str:
         if "check" in shape:
             check = shape["check"]
             lines += ["## Token checks", "", f"passed: {check['passed']}", ""]
-            for key in ("block float32", "block bfloat16", "vanilla float32"):
+            for key in ("block float32", "block bfloat16", "block compiled float32", "block compiled bfloat16",
+                        "vanilla float32"):
+                if key not in check:  # parts measured before the compiled engine existed
+                    continue
                 lines.append(f"- {key}: identical {check[key]['identical']}, token agreement "
                              f"{check[key]['token_agreement']:.4f}, first divergence per row {check[key]['first_divergence']}")
             lines.append("")
@@ -476,8 +488,8 @@ def main():
         if part == "check":
             run.check()
         elif part.split("/")[0] in run.scenarios:
-            scenario, _, kind = part.partition("/")
-            results = run.scenario(scenario, (kind,) if kind else ("block", "vanilla"))
+            scenario, kind, engine = (part.split("/") + ["", ""])[:3]
+            results = run.scenario(scenario, (kind,) if kind else ("block", "vanilla"), (engine,) if engine else DEFAULT_ENGINES)
             rows = [r for r in results.get("block fast", []) if "tokens_per_second" in r]
             if rows and scenario == "decode-heavy":
                 best_block = max(rows, key=lambda r: r["tokens_per_second"])["batch_size"]

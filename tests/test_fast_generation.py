@@ -216,3 +216,28 @@ def test_vanilla_static_engine_eos_and_min_new_tokens(tiny_source):
         expected = model.generate(ids, attention_mask=mask, **settings)  # may stop early: pad to the full length
         expected = torch.nn.functional.pad(expected, (0, width + 10 - expected.shape[1]), value=0)
         assert torch.equal(generate_static(model, ids, attention_mask=mask, **settings), expected)
+
+
+def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_source, monkeypatch):
+    """compile_steps: the step functions through torch.compile give the uncompiled engines' tokens, with EOS
+    and left padding, and dynamo traces each whole, without a graph break (a break would split the fused
+    kernels and, on CUDA, the captured step). The backend is aot_eager here: dynamo's tracing and the
+    functionalised mutations of the engine's buffers are what can go wrong on any device, and inductor's
+    code generation takes minutes on CPU; the GPU script checks inductor's tokens (docs/benchmarks.md)."""
+    from torch._dynamo.utils import counters
+
+    from uptrain.generation_block_transformer import StepGraphs
+
+    monkeypatch.setattr(StepGraphs, "COMPILE_ARGUMENTS", {"backend": "aot_eager"})
+    counters.clear()
+    model = model_of("llama")
+    ids, mask = left_padded(ROWS, seed=7)
+    settings = dict(max_new_tokens=13, do_sample=False, eos_token_id=[int(ids[0, -1]), 127], pad_token_id=0)
+    expected = model.generate(ids, attention_mask=mask, engine="fast", **settings)
+    compiled = model.generate(ids, attention_mask=mask, engine="fast", compile_steps=True, **settings)
+    assert torch.equal(compiled, expected)
+    _, vanilla = tiny_source("llama")
+    expected = generate_static(vanilla, ids, attention_mask=mask, **settings)
+    assert torch.equal(generate_static(vanilla, ids, attention_mask=mask, compile_steps=True, **settings), expected)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 3  # the token block, a block step, a vanilla step: compiled

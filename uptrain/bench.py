@@ -9,6 +9,8 @@ Engines (`--engine`, and `--baseline-engine`, by default the same):
 - fast: static caches, one CUDA graph a step (on CPU the same step functions, uncaptured). A block model's
   `generate(engine="fast")`; for a vanilla model `uptrain.vanilla_engine`, the same machinery and kernels,
   so that the ratio measures the architecture.
+- compiled: the fast engine with each step function `torch.compile`d before its capture (both models;
+  compiling takes a minute or more per model, in the warm-up run).
 - eager: no static caches, no graphs: a block model's eager engine; transformers' `generate` for a vanilla one.
 - hf: `model.generate()` as a user calls it: transformers' for a vanilla model, a block model's default
   engine (fast on CUDA, eager on CPU).
@@ -34,7 +36,7 @@ from .inference import is_block_transformer, load_for_inference
 from .sources import DTYPES, load_config, resolve
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}  # (prompt_len, gen_len), the paper's
-ENGINES = ("fast", "eager", "hf")
+ENGINES = ("fast", "compiled", "eager", "hf")
 
 
 @dataclass
@@ -120,14 +122,15 @@ def build_model(spec: str, settings: BenchSettings):
 
 def generate_function(model, engine: str) -> Callable:
     """`generate(prompts, **arguments)` of `model` with `engine` (see the module docstring)."""
+    compiled = engine == "compiled"
     if is_block_model(model):
         if engine == "hf":
             return model.generate
-        return functools.partial(model.generate, engine=engine)
-    if engine == "fast":
+        return functools.partial(model.generate, engine="fast" if compiled else engine, compile_steps=compiled)
+    if engine in ("fast", "compiled"):
         from .vanilla_engine import generate_static
 
-        return functools.partial(generate_static, model)
+        return functools.partial(generate_static, model, compile_steps=compiled)
     return model.generate
 
 

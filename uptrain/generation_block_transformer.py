@@ -331,16 +331,32 @@ AttentionInterface.register(STATIC_ATTENTION, static_attention)  # no mask funct
 class StepGraphs:
     """Runs the engine's step functions: on CUDA each is captured once as a CUDA graph and replayed, all in one
     memory pool (they run one after another, and write their results into the engine's own buffers); on
-    other devices, or with `enabled=False`, they are called."""
+    other devices, or with `enabled=False`, they are called.
 
-    def __init__(self, device: torch.device, enabled: bool = True):
+    With `compile=True` each function is `torch.compile`d first (before the capture, on CUDA), so that the
+    norms, rotary embeddings, casts and sampling fuse into fewer kernels; one graph per function, the
+    visible-length buckets of a step sharing one dynamic-shape graph after the first. Random draws keep
+    PyTorch's own kernels (`fallback_random`), which CUDA graphs replay with fresh numbers."""
+
+    # engines of other shapes, and their buckets, recompile the same step functions: more than dynamo's default
+    RECOMPILE_LIMIT = 64
+    COMPILE_ARGUMENTS = {"options": {"fallback_random": True}}  # torch.compile's keyword arguments
+
+    def __init__(self, device: torch.device, enabled: bool = True, compile: bool = False):
         self.enabled = enabled and device.type == "cuda"
+        self.compile = compile
         self.device = device
         self.functions: dict = {}
         self.graphs: dict = {}
         self.pool = None
+        if compile:
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+            setattr(config, name, max(getattr(config, name), self.RECOMPILE_LIMIT))
 
     def add(self, key, function):
+        if self.compile:
+            function = torch.compile(function, **self.COMPILE_ARGUMENTS)
         self.functions[key] = function
 
     def capture(self):
@@ -463,6 +479,7 @@ class BlockGenerationMixin:
         streamer=None,
         engine: str = "auto",
         cuda_graphs: bool = True,
+        compile_steps: bool = False,
         **kwargs,
     ) -> torch.LongTensor:
         """Returns (B, T + max_new_tokens): the prompt as given, then exactly max_new_tokens per row,
@@ -471,7 +488,8 @@ class BlockGenerationMixin:
         engine: "fast" (static caches; CUDA graphs on CUDA unless cuda_graphs=False), "eager" (dynamic caches,
         finished rows leave the batch; the only one that streams), or "auto": fast on CUDA, else eager. Both
         give the same tokens. The fast engine keeps its buffers and graphs for the next call of the same
-        shape; `release_generation_engine()` frees them.
+        shape; `release_generation_engine()` frees them. compile_steps: the fast engine's step functions
+        go through `torch.compile` first (fewer, fused kernels; compiling takes a minute or more).
         """
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -495,7 +513,7 @@ class BlockGenerationMixin:
             chosen = "fast" if device.type == "cuda" and streamer is None else "eager"
         if chosen == "fast":
             try:
-                return self._generate_fast(input_ids, prompt, rules, cuda_graphs)
+                return self._generate_fast(input_ids, prompt, rules, cuda_graphs, compile_steps)
             except Unsupported as error:
                 if engine == "fast":
                     raise
@@ -607,20 +625,21 @@ class BlockGenerationMixin:
 
     # -- fast engine --------------------------------------------------------------------------------------
 
-    def _generate_fast(self, input_ids, prompt: _Prompt, rules: TokenRules, cuda_graphs: bool) -> torch.LongTensor:
+    def _generate_fast(self, input_ids, prompt: _Prompt, rules: TokenRules, cuda_graphs: bool,
+                       compile_steps: bool = False) -> torch.LongTensor:
         batch, device = input_ids.shape[0], input_ids.device
-        key = (batch, prompt.blocks, prompt.steps, rules.key, device, cuda_graphs, parameters_key(self))
+        key = (batch, prompt.blocks, prompt.steps, rules.key, device, cuda_graphs, compile_steps, parameters_key(self))
         engine = _ENGINES.get(self)
         if engine is None or engine.key != key:
             discard(_ENGINES, self)  # free the old buffers before allocating new ones
             arguments = (self, key, batch, prompt.blocks, prompt.steps, rules)
             try:
-                engine = build_engine(_BlockEngine, *arguments, cuda_graphs)
+                engine = build_engine(_BlockEngine, *arguments, cuda_graphs, compile_steps)
             except RuntimeError as error:
                 if not (cuda_graphs and capture_failed(error)):
                     raise
                 warnings.warn(f"CUDA graph capture failed ({error}); running the static steps uncaptured", stacklevel=3)
-                engine = build_engine(_BlockEngine, *arguments, False)
+                engine = build_engine(_BlockEngine, *arguments, False, compile_steps)
             _ENGINES[self] = engine
         try:
             tokens = engine.generate(prompt, rules)
@@ -637,8 +656,9 @@ class _BlockEngine:
     step, the same layout as the eager engine's cache, so that sliding windows count the same slots.
     """
 
-    def __init__(self, model, key, batch: int, blocks: int, steps: int, rules: TokenRules, cuda_graphs: bool):
-        self.model = weakref.proxy(model)
+    def __init__(self, model, key, batch: int, blocks: int, steps: int, rules: TokenRules, cuda_graphs: bool,
+                 compile_steps: bool = False):
+        self._model = weakref.ref(model)  # the model holds its engine (`_ENGINES`): no cycle
         self.key = key
         config = model.config
         self.block_length, self.prefix_length = config.block_length, config.prefix_length
@@ -664,11 +684,15 @@ class _BlockEngine:
         r = self.prefix_length
         self.token_positions = [window[:, :r]] + [window[:, r + i - 1 : r + i] for i in range(1, self.block_length)]
         self.block_visible = buckets(blocks, steps - 1, self.slots)
-        self.graphs = StepGraphs(device, cuda_graphs)
+        self.graphs = StepGraphs(device, cuda_graphs, compile_steps)
         self.graphs.add("token block", self.token_block)
         for visible in sorted(set(self.block_visible)):
             self.graphs.add(("block step", visible), functools.partial(self.block_step, visible))
         self.graphs.capture()
+
+    @property
+    def model(self):
+        return self._model()
 
     def generate(self, prompt: _Prompt, rules: TokenRules) -> torch.Tensor:
         """(B, max_new) generated tokens. `rules` has this engine's key; the engine keeps using its own copy,

@@ -35,7 +35,7 @@ _ENGINES = weakref.WeakKeyDictionary()  # model -> its last engine
 
 @torch.no_grad()
 def generate_static(model, input_ids, attention_mask=None, cuda_graphs: bool = True, check_every: int = 16,
-                    generation_config=None, **kwargs) -> torch.LongTensor:
+                    generation_config=None, compile_steps: bool = False, **kwargs) -> torch.LongTensor:
     """Like `model.generate` (greedy or sampled, eos, min_new_tokens, left padding) but returns exactly
     max_new_tokens per row, pad_token_id after a row's EOS. Buffers and graphs are kept for the next call of
     the same shape (`release(model)` frees them)."""
@@ -48,11 +48,11 @@ def generate_static(model, input_ids, attention_mask=None, cuda_graphs: bool = T
     rules = TokenRules.from_settings(settings, length, input_ids.device)
     if rules.max_new == 0:
         return input_ids.clone()
-    key = (batch, length, rules.key, input_ids.device, cuda_graphs, check_every, parameters_key(model))
+    key = (batch, length, rules.key, input_ids.device, cuda_graphs, check_every, compile_steps, parameters_key(model))
     engine = _ENGINES.get(model)
     if engine is None or engine.key != key:
         discard(_ENGINES, model)
-        engine = build_engine(VanillaEngine, model, key, batch, length, rules, cuda_graphs, check_every)
+        engine = build_engine(VanillaEngine, model, key, batch, length, rules, cuda_graphs, check_every, compile_steps)
         _ENGINES[model] = engine
     try:
         tokens = engine.generate(input_ids, attention_mask)
@@ -69,8 +69,9 @@ def release(model) -> None:
 class VanillaEngine:
     """Static buffers for one (batch, prompt length, rules), the prefill and the step functions over them."""
 
-    def __init__(self, model, key, batch: int, length: int, rules: TokenRules, cuda_graphs: bool, check_every: int):
-        self.model = weakref.proxy(model)
+    def __init__(self, model, key, batch: int, length: int, rules: TokenRules, cuda_graphs: bool, check_every: int,
+                 compile_steps: bool = False):
+        self._model = weakref.ref(model)  # the model holds its engine (`_ENGINES`): no cycle
         self.key, self.batch, self.length, self.rules, self.check_every = key, batch, length, rules, check_every
         device = next(model.parameters()).device
         self.slots = length + rules.max_new - 1  # the last token is never fed back
@@ -86,10 +87,14 @@ class VanillaEngine:
         self.done = torch.zeros((), dtype=torch.bool, device=device)
         self.no_given = torch.zeros(batch, dtype=torch.bool, device=device)
         self.visible = buckets(length, rules.max_new - 1, self.slots)
-        self.graphs = StepGraphs(device, cuda_graphs)
+        self.graphs = StepGraphs(device, cuda_graphs, compile_steps)
         for visible in sorted(set(self.visible)):
             self.graphs.add(visible, functools.partial(self.step, visible))
         self.graphs.capture()
+
+    @property
+    def model(self):
+        return self._model()
 
     def generate(self, input_ids, attention_mask) -> torch.Tensor:
         self.prefill(input_ids, attention_mask)
