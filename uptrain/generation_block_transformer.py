@@ -658,7 +658,7 @@ class _BlockEngine:
 
     def __init__(self, model, key, batch: int, blocks: int, steps: int, rules: TokenRules, cuda_graphs: bool,
                  compile_steps: bool = False):
-        self._model = weakref.ref(model)  # the model holds its engine (`_ENGINES`): no cycle
+        self._model = weakref.ref(model)  # `_ENGINES` keeps the engine while the model lives: no strong ref back
         self.key = key
         config = model.config
         self.block_length, self.prefix_length = config.block_length, config.prefix_length

@@ -71,7 +71,7 @@ class VanillaEngine:
 
     def __init__(self, model, key, batch: int, length: int, rules: TokenRules, cuda_graphs: bool, check_every: int,
                  compile_steps: bool = False):
-        self._model = weakref.ref(model)  # the model holds its engine (`_ENGINES`): no cycle
+        self._model = weakref.ref(model)  # `_ENGINES` keeps the engine while the model lives: no strong ref back
         self.key, self.batch, self.length, self.rules, self.check_every = key, batch, length, rules, check_every
         device = next(model.parameters()).device
         self.slots = length + rules.max_new - 1  # the last token is never fed back
