@@ -221,7 +221,8 @@ def test_vanilla_static_engine_eos_and_min_new_tokens(tiny_source):
 def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_source, monkeypatch):
     """compile_steps: the step functions through torch.compile give the uncompiled engines' tokens, with EOS
     and left padding, and dynamo traces each whole, without a graph break (a break would split the fused
-    kernels and, on CUDA, the captured step). The backend is aot_eager here: dynamo's tracing and the
+    kernels and, on CUDA, the captured step), and all before the capture: the warm-up compiles, the steps
+    only run (a compile inside a CUDA-graph capture invalidates it). The backend is aot_eager here: dynamo's tracing and the
     functionalised mutations of the engine's buffers are what can go wrong on any device, and inductor's
     code generation takes minutes on CPU; the GPU script checks inductor's tokens (docs/benchmarks.md)."""
     from torch._dynamo.utils import counters
@@ -229,6 +230,16 @@ def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_so
     from uptrain.generation_block_transformer import StepGraphs
 
     monkeypatch.setattr(StepGraphs, "COMPILE_ARGUMENTS", {"backend": "aot_eager"})
+    compiled_in_steps = []  # on CUDA the steps replay captures: a compile there would have invalidated one
+    run = StepGraphs.run
+
+    def watched_run(self, key):
+        before = counters["stats"]["unique_graphs"]
+        run(self, key)
+        if counters["stats"]["unique_graphs"] != before:
+            compiled_in_steps.append(key)
+
+    monkeypatch.setattr(StepGraphs, "run", watched_run)
     counters.clear()
     model = model_of("llama")
     ids, mask = left_padded(ROWS, seed=7)
@@ -241,3 +252,4 @@ def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_so
     assert torch.equal(generate_static(vanilla, ids, attention_mask=mask, compile_steps=True, **settings), expected)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 3  # the token block, a block step, a vanilla step: compiled
+    assert not compiled_in_steps, f"compiled after the warm-up, in {compiled_in_steps}"

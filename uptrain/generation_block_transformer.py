@@ -346,6 +346,7 @@ class StepGraphs:
         self.enabled = enabled and device.type == "cuda"
         self.compile = compile
         self.device = device
+        self.eager: dict = {}
         self.functions: dict = {}
         self.graphs: dict = {}
         self.pool = None
@@ -355,19 +356,28 @@ class StepGraphs:
             setattr(config, name, max(getattr(config, name), self.RECOMPILE_LIMIT))
 
     def add(self, key, function):
-        if self.compile:
-            function = torch.compile(function, **self.COMPILE_ARGUMENTS)
-        self.functions[key] = function
+        self.eager[key] = function
+        self.functions[key] = torch.compile(function, **self.COMPILE_ARGUMENTS) if self.compile else function
 
     def capture(self):
-        """Warm every function up once (eagerly: lazy allocations, library handles), restore the RNG, capture."""
+        """Warm every function up, restore the RNG, capture (on CUDA).
+
+        The warm-up runs each function eagerly first (lazy allocations: `StaticKV`'s buffers, library handles),
+        then compiled, so that every compilation happens here: a compiled step traced before the buffers
+        existed would recompile on its next call, inside the capture, which invalidates it. Without CUDA
+        graphs the compiled warm-up still saves compiling that throwaway first version. The steps' state is
+        reset by the engine's prefill."""
+        if not (self.enabled or self.compile):
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for key in self.functions:
+                self.eager[key]()
+                if self.compile:
+                    self.functions[key]()
+            if self.enabled:
+                torch.cuda.synchronize(self.device)
         if not self.enabled:
             return
-        rng = torch.cuda.get_rng_state(self.device)
-        for function in self.functions.values():
-            function()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.set_rng_state(rng, self.device)
         self.pool = torch.cuda.graph_pool_handle()
         for key, function in self.functions.items():
             graph = torch.cuda.CUDAGraph()
