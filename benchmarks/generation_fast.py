@@ -100,6 +100,8 @@ def parse():
     parser.add_argument("--gguf", type=Path, help="SmolLM2-135M GGUF: real weights (default: random weights).")
     parser.add_argument("--device", default=None, help="Default: cuda if there is one, else cpu.")
     parser.add_argument("--budget-s", type=float, default=540, help="Skip measurements predicted to end later than this.")
+    parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")],
+                        help="Batch sizes for every throughput part named (default: GPU_BATCHES).")
     parser.add_argument("--check-new-tokens", type=int, default=2048)
     parser.add_argument("--profile-batch", type=int, default=None, help="Default: the best block fast batch measured in this run, else 4096.")
     parser.add_argument("--profile-new-tokens", type=int, default=256)
@@ -229,7 +231,7 @@ class Run:
         for kind, engine in ENGINES:
             if kind not in kinds or engine not in engines:
                 continue
-            sizes = [1, 4] if self.args.smoke else GPU_BATCHES[(scenario, kind, engine)]
+            sizes = [1, 4] if self.args.smoke else self.args.batches or GPU_BATCHES[(scenario, kind, engine)]
             fast = engine in ("fast", "compiled")
             settings = BenchSettings(
                 scenario="custom", prompt_len=prompt_len, gen_len=gen_len, batch_sizes=sizes,

@@ -3,9 +3,11 @@
 Runs `cli.py train recipes/smollm2-135m-b4.yaml` twice on the same random-weight source and real text
 (standard-library docstrings, tokenized with the source's tokenizer): the fast path (chunked LM head and
 loss, compiled decoder layers, fused AdamW) and the plain path (full logits, eager layers), bf16 autocast,
-same data order and schedule. Writes both logs, a PNG of the curves and a JSON summary.
+same data order and schedule. Writes each run's log as OUT_DIR/curve-LABELNAME.jsonl, then a JSON summary
+and a PNG over every curve in OUT_DIR, so that runs of two code trees (e.g. the previous commit's, run from
+its own copy with `--label previous-`) land in one comparison.
 
-    python benchmarks/training_equivalence.py CONFIG_DIR WORK_DIR OUT_DIR [--steps 200]
+    python benchmarks/training_equivalence.py CONFIG_DIR WORK_DIR OUT_DIR [--steps 200] [--paths fast,plain]
 """
 
 import argparse
@@ -21,6 +23,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from training_throughput import RECIPE, setup  # noqa: E402
 
 PATHS = {"fast": dict(fast_loss="true", compile="true"), "plain": dict(fast_loss="false", compile="false")}
+GLOBAL_BATCH = 32  # sequences of 2048 tokens a step
+LABELS = {"fast": "chunked head + loss, compiled", "plain": "full float32 logits, eager"}
 
 
 def read_log(path: Path) -> dict:
@@ -40,35 +44,49 @@ def main():
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--data", type=Path, help="a prepared token folder (default: docstrings, prepared here)")
-    parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides key=value for both runs")
+    parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides key=value for every run")
+    parser.add_argument("--paths", default="fast,plain", help="comma-separated names of PATHS to run")
+    parser.add_argument("--label", default="", help="prefix of this tree's curve names, e.g. 'previous-'")
+    parser.add_argument("--summarise-only", action="store_true", help="only compare the curves in OUT_DIR")
     args = parser.parse_args()
-    args.work_dir.mkdir(parents=True, exist_ok=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.summarise_only:
+        return summarise(args.out_dir, GLOBAL_BATCH)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     _, source, data = setup(args.config_dir, args.work_dir, args.data)  # the converted random-weight model
-    settings = dict(source=source, data=data, micro_batch_size=16, global_batch_size=32, max_steps=args.steps,
-                    warmup_steps=20, lr=1e-3, eval_every=50, eval_windows=16, save_every=args.steps, log_every=10,
+    settings = dict(source=source, data=data, micro_batch_size=16, global_batch_size=GLOBAL_BATCH,
+                    max_steps=args.steps, warmup_steps=20, lr=1e-3, eval_every=50, eval_windows=16, save_every=args.steps, log_every=10,
                     tracker="none")
-    logs = {}
-    for name, path_settings in PATHS.items():
-        out = args.work_dir / f"curve-{name}"
-        overrides = {**settings, **path_settings, "output_dir": out, "resume": "none"}
+    for name in args.paths.split(","):
+        out = args.work_dir / f"curve-{args.label}{name}"
+        overrides = {**settings, **PATHS[name], "output_dir": out, "resume": "none"}
         command = [sys.executable, str(REPO / "cli.py"), "train", str(RECIPE),
                    *[f"{k}={v}" for k, v in overrides.items()], *args.set]
         subprocess.run(command, check=True, cwd=REPO)
-        logs[name] = read_log(out / "train_log.jsonl")
-        (args.out_dir / f"curve-{name}.jsonl").write_text((out / "train_log.jsonl").read_text())
+        (args.out_dir / f"curve-{args.label}{name}.jsonl").write_text((out / "train_log.jsonl").read_text())
+    summarise(args.out_dir, settings["global_batch_size"])
 
-    steps = sorted(logs["fast"]["train"])
-    fast = [logs["fast"]["train"][s] for s in steps]
-    plain = [logs["plain"]["train"][s] for s in steps]
-    late = [abs(a - b) for s, a, b in zip(steps, fast, plain) if s > 10]
+
+def summarise(out_dir: Path, global_batch_size: int) -> None:
+    """Every curve in out_dir against the reference: `plain` (full float32 logits, eager), else the first."""
+    logs = {path.stem.removeprefix("curve-"): read_log(path) for path in sorted(out_dir.glob("curve-*.jsonl"))}
+    reference = next((name for name in logs if name.endswith("plain")), next(iter(logs)))
+    steps = sorted(logs[reference]["train"])
+    curves = {name: [log["train"].get(s) for s in steps] for name, log in logs.items()}
+    comparisons = {}
+    for name, curve in curves.items():
+        late = [abs(a - b) for s, a, b in zip(steps, curve, curves[reference]) if s > 10 and a is not None]
+        if name != reference and late:
+            comparisons[name] = {"mean_abs_difference_after_step_10": statistics.mean(late),
+                                 "max_abs_difference_after_step_10": max(late)}
     summary = {
-        "steps": len(steps), "global_batch_size": settings["global_batch_size"],
-        "first_loss": {"fast": fast[0], "plain": plain[0]}, "last_loss": {"fast": fast[-1], "plain": plain[-1]},
-        "mean_abs_difference_after_step_10": statistics.mean(late), "max_abs_difference_after_step_10": max(late),
-        "val_loss": {name: logs[name]["val"] for name in logs},
+        "steps": len(steps), "global_batch_size": global_batch_size, "reference": reference,
+        "first_loss": {name: curve[0] for name, curve in curves.items()},
+        "last_loss": {name: curve[-1] for name, curve in curves.items()},
+        "against_reference": comparisons, "val_loss": {name: log["val"] for name, log in logs.items()},
     }
-    (args.out_dir / "equivalence.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "equivalence.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
 
     import matplotlib
 
@@ -76,18 +94,19 @@ def main():
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    axis.plot(steps, plain, label="plain path (full float32 logits, eager)", linewidth=2.5, alpha=0.6)
-    axis.plot(steps, fast, label="fast path (chunked head + loss, compiled layers)", linewidth=1)
-    for name, marker in (("plain", "o"), ("fast", "x")):
+    markers = iter("oxs^vd")
+    for name, curve in curves.items():
+        wide = name == reference
+        axis.plot(steps, curve, label=f"{name}: {LABELS.get(name.rsplit('-', 1)[-1], '')}",
+                  linewidth=2.5 if wide else 1, alpha=0.6 if wide else 1)
         val = logs[name]["val"]
-        axis.scatter(list(val), list(val.values()), marker=marker, label=f"held-out, {name}")
-    axis.set_xlabel("optimizer step (32 x 2048 tokens)")
+        axis.scatter(list(val), list(val.values()), marker=next(markers), label=f"held-out, {name}")
+    axis.set_xlabel(f"optimizer step ({global_batch_size} x 2048 tokens)")
     axis.set_ylabel("training cross-entropy (nats)")
     axis.set_title("SmolLM2-135M shape, block 15/15 L_B 4, bf16, random init")
-    axis.legend()
+    axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(args.out_dir / "training-equivalence.png", dpi=120)
-    print(json.dumps(summary, indent=1))
+    figure.savefig(out_dir / "training-equivalence.png", dpi=120)
 
 
 if __name__ == "__main__":
