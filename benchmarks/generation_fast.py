@@ -245,7 +245,9 @@ class Run:
             for size in sizes:
                 runs = settings.warmup + settings.repeats
                 if last is not None:
-                    predicted = predicted_seconds(results[label], size) * runs + 30
+                    # the warm-up's excess over a timed run (capture, compile) may recur at a new batch size
+                    setup = max(last.get("warmup_seconds") or [0]) - last["seconds"]
+                    predicted = predicted_seconds(results[label], size) * runs + max(30, setup)
                     if self.elapsed() + predicted > self.args.budget_s:
                         results[label].append({"batch_size": size, "skipped": f"predicted {predicted:.0f} s"})
                         self.log(f"{scenario} {label} batch {size}: skipped (predicted {predicted:.0f} s)")
@@ -253,8 +255,9 @@ class Run:
                 try:
                     last = measure_dict(model, settings, size, engine)
                     results[label].append(last)
+                    warmup = f", warm-up {max(last['warmup_seconds']):.0f} s" if last.get("warmup_seconds") else ""
                     self.log(f"{scenario} {label} batch {size}: {last['tokens_per_second']:,.0f} tok/s, "
-                             f"{(last['peak_memory_bytes'] or 0) / 2**30:.1f} GiB")
+                             f"{(last['peak_memory_bytes'] or 0) / 2**30:.1f} GiB{warmup}")
                 except torch.OutOfMemoryError:
                     results[label].append({"batch_size": size, "out_of_memory": True})
                     self.log(f"{scenario} {label} batch {size}: out of memory")

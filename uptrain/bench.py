@@ -86,6 +86,7 @@ class Measurement:
     ms_per_token: float  # seconds / gen_len: the time between two tokens of one row
     peak_memory_bytes: int | None
     all_seconds: list[float] = field(default_factory=list)
+    warmup_seconds: list[float] = field(default_factory=list)  # wall time of each warm-up: capture, compile
 
 
 def parse_batch_sizes(text: str) -> list[int] | None:
@@ -155,8 +156,13 @@ def measure(model, settings: BenchSettings, batch_size: int, engine: str | None 
         output = generate(prompts, **arguments)
         assert output.shape == (batch_size, settings.prompt_len + settings.gen_len), output.shape
 
+    warmups = []
     for _ in range(settings.warmup):
+        started = time.perf_counter()
         run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        warmups.append(time.perf_counter() - started)
     timer = _CudaTimer(device) if device.type == "cuda" else _CpuTimer()
     times = [timer.time(run) for _ in range(settings.repeats)]
     seconds = statistics.median(times)
@@ -167,6 +173,7 @@ def measure(model, settings: BenchSettings, batch_size: int, engine: str | None 
         ms_per_token=1000 * seconds / settings.gen_len,
         peak_memory_bytes=timer.peak_memory,
         all_seconds=times,
+        warmup_seconds=warmups,
     )
 
 
