@@ -36,7 +36,7 @@ weights; converted here in float32). Every JSON records which.
   run builds the buffers and captures the graphs), then 2 timed runs; the eager ones, host-bound and slow,
   run once with no warm-up (they follow the fast engines in the same process).
 - profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
-  --profile-batch: the kernel table sorted by device time.
+  --profile-batch: the kernel table sorted by device time (--profile-engine compiled: the compiled steps).
 """
 
 import argparse
@@ -105,6 +105,8 @@ def parse():
     parser.add_argument("--check-new-tokens", type=int, default=2048)
     parser.add_argument("--profile-batch", type=int, default=None, help="Default: the best block fast batch measured in this run, else 4096.")
     parser.add_argument("--profile-new-tokens", type=int, default=256)
+    parser.add_argument("--profile-engine", choices=["fast", "compiled"], default="fast",
+                        help="Which block engine the profile part runs (compiled: steps through torch.compile).")
     parser.add_argument("--render", type=Path, help="Merge the part files in this folder into results.json, PNGs and summary.md.")
     return parser.parse_args()
 
@@ -281,8 +283,10 @@ class Run:
         new = 16 if self.args.smoke else self.args.profile_new_tokens
         model = self.model("block", torch.float32 if self.args.smoke else torch.bfloat16)
         ids = torch.randint(0, self.shape["vocab_size"], (batch, prompt_len), device=self.device)
-        arguments = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0, "engine": "fast"}
-        model.generate(ids, **arguments)  # builds the buffers, captures the graphs
+        compiled = self.args.profile_engine == "compiled"
+        arguments = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0, "engine": "fast",
+                     "compile_steps": compiled}
+        model.generate(ids, **arguments)  # builds the buffers, compiles and captures the graphs
         synchronize(self.device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
         with profile(activities=activities) as prof:
@@ -291,9 +295,10 @@ class Run:
         model.release_generation_engine()
         sort = "cuda_time_total" if self.device.startswith("cuda") else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
-        header = (f"block fast engine, batch {batch}, prompt {prompt_len}, {new} new tokens, "
+        header = (f"block {self.args.profile_engine} engine, batch {batch}, prompt {prompt_len}, {new} new tokens, "
                   f"{self.facts.get('gpu', self.device)}, weights {self.weights}\n")
-        (self.out / f"{self.shape_name}-profile-batch{batch}.txt").write_text(header + table + "\n")
+        suffix = "-compiled" if compiled else ""
+        (self.out / f"{self.shape_name}-profile-batch{batch}{suffix}.txt").write_text(header + table + "\n")
         self.log(f"profile at batch {batch} written")
 
 
