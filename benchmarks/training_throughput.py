@@ -63,12 +63,14 @@ def setup(config_dir: Path, work: Path, data: Path | None = None) -> tuple[Path,
     from uptrain.convert import ConvertOptions, convert
     from uptrain.data import prepare
     from uptrain.recipe import load_recipe
+    from uptrain.scratch import train_padding_rows
 
     source, converted, data = work / "source", work / "converted", data or work / "tokens"
     tokenizer = AutoTokenizer.from_pretrained(config_dir)
     if not (source / "config.json").is_file():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
+        train_padding_rows(model)  # as `uptrain train` from scratch: a zero pad row gives NaN gradients (uptrain/scratch.py)
         model.save_pretrained(source)
         tokenizer.save_pretrained(source)
     if not (converted / "config.json").is_file():

@@ -1,6 +1,7 @@
 """The uptraining loop: exact resume after SIGKILL, distillation, bad input, NaN (several processes: test_multi_process.py)."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -157,11 +158,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_source, tiny_dat
                                                            save_every=1, max_steps=12))
     assert result.exit_code == 1, result.output
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: training loss became nan") or message.startswith("error: training loss became inf")
+    assert message.split(" became ")[0] in ("error: training loss", "error: the gradient norm")
     assert "Traceback" not in result.stderr and "the last good checkpoint is" in message
     kept = complete_checkpoints(tmp_path)
     assert kept and str(kept[-1]) in message
     assert not (tmp_path / "final").exists()
+
+
+def test_nan_gradients_stop_the_run_before_any_update_and_from_scratch_has_none(tmp_path, run_cli):
+    """A deep model whose padding row (the end-of-text id) is zero, as transformers initialises it: the first
+    sequence that starts with that token has a finite loss and NaN gradients (test_scratch.py). Training it as
+    it is stops before the update; from scratch, its random weights train that row and stay finite."""
+    from test_scratch import DEEP
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    source = tmp_path / "deep"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**DEEP)).save_pretrained(source)
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # SmolLM2's convention
+    tokenizer.save_pretrained(source)
+    rng = torch.Generator().manual_seed(0)  # one- or two-letter documents: every third token is the end of text
+    (tmp_path / "short.txt").write_text("\n\n".join(WORDS[int(i)][: 1 + int(i) % 2] for i in torch.randint(len(WORDS), (3000,), generator=rng)))
+    prepare(str(tmp_path / "short.txt"), tmp_path / "tokens", tokenizer, val_fraction=0.1, tokenizer_name="tiny")
+    settings = dict(architecture="vanilla", max_steps=4, save_every=1, eval_every=4)
+
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tmp_path / "tokens", tmp_path / "as-is", **settings))
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: the gradient norm became nan (loss ") and "stopped before updating" in message
+    for checkpoint in complete_checkpoints(tmp_path / "as-is"):  # every kept checkpoint is finite
+        assert all(torch.isfinite(t).all() for t in load_file(next(checkpoint.rglob("*.safetensors"))).values())
+
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tmp_path / "tokens", tmp_path / "scratch",
+                                                           from_scratch="true", **settings))
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (tmp_path / "scratch" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in log)
 
 
 def test_fast_and_plain_loss_give_the_same_run(tiny_source, tiny_data, tmp_path, run_cli):

@@ -24,6 +24,7 @@ from .errors import UserError
 from .flops import peak_flops, training_flops_per_token
 from .objective import NextTokenObjective, compile_decoders, decoder_layers, head_mismatch, is_block_model
 from .recipe import Recipe, dump_recipe, public_recipe
+from .scratch import train_padding_rows
 from .window_attention import use_window_attention
 
 CHECKPOINTS = "checkpoints"
@@ -179,13 +180,16 @@ class Trainer:
             model_dir = str(self.prepare_model())
             return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32), model_dir
         if recipe.architecture == "block" and is_block_transformer(source):
-            config = AutoConfig.from_pretrained(source, trust_remote_code=True)
-            return BlockTransformerForCausalLM(config).float(), source
-        config = load_config(resolve(source))
-        config.__dict__.pop("quantization_config", None)  # a GGUF source's; the new weights are plain floats
-        if recipe.architecture == "vanilla":
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32), source
-        return BlockTransformerForCausalLM(build_config(config, self.convert_options(), torch.float32)).float(), source
+            model = BlockTransformerForCausalLM(AutoConfig.from_pretrained(source, trust_remote_code=True)).float()
+        else:
+            config = load_config(resolve(source))
+            config.__dict__.pop("quantization_config", None)  # a GGUF source's; the new weights are plain floats
+            if recipe.architecture == "vanilla":
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            else:
+                model = BlockTransformerForCausalLM(build_config(config, self.convert_options(), torch.float32)).float()
+        train_padding_rows(model)  # a zero padding row makes NaN gradients in deep stacks (scratch.py)
+        return model, source
 
     def load(self):
         from .data import TokenData, check_tokenizer, load_manifest
@@ -320,15 +324,15 @@ class Trainer:
                 loss, ce = self.model(ids)  # the objective: the loss to differentiate, the cross-entropy to report
                 self.accelerator.backward(loss / self.accumulation)
             total += ce / self.accumulation
-        mean = self.accelerator.reduce(total, reduction="mean")
-        if not torch.isfinite(mean):
-            return float(mean)
-        if self.recipe.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
-        self.optimizer.step()
-        self.schedule.step()
+        mean = float(self.accelerator.reduce(total, reduction="mean"))
+        # the norm before clipping (max_norm inf: measured, not clipped); a finite loss can still have NaN
+        # gradients, and one update with them would ruin every weight: `run` stops before any update then
+        self.grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip or math.inf))
+        if math.isfinite(mean) and math.isfinite(self.grad_norm):
+            self.optimizer.step()
+            self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(mean)
+        return mean
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -510,16 +514,19 @@ class Trainer:
             step_started = time.perf_counter()
             loss = self.train_step(step)
             step_seconds = time.perf_counter() - step_started
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and math.isfinite(self.grad_norm)):
                 last = complete_checkpoints(self.output_dir)
                 kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
-                raise UserError(f"training loss became {loss} at step {step + 1}; stopped ({kept})")
+                what = (f"training loss became {loss}" if not math.isfinite(loss) else
+                        f"the gradient norm became {self.grad_norm} (loss {loss:.4f})")
+                raise UserError(f"{what} at step {step + 1}; stopped before updating the weights ({kept})")
             done = step + 1
             facts.update(steps=done, tokens=done * tokens_per_step, train_loss=loss)
             elapsed = time.perf_counter() - clock
             rate = (done - start) * tokens_per_step / max(elapsed, 1e-9)
             step_rate = tokens_per_step / max(step_seconds, 1e-9)
-            logs = {"train/loss": loss, "train/lr": self.schedule.get_last_lr()[0], "train/tokens_per_s": rate,
+            logs = {"train/loss": loss, "train/grad_norm": self.grad_norm, "train/lr": self.schedule.get_last_lr()[0],
+                    "train/tokens_per_s": rate,
                     "train/step_seconds": step_seconds, "train/step_tokens_per_s": step_rate}
             shown = dict(loss=f"{loss:.3f}", lr=f"{logs['train/lr']:.2e}", tok_s=f"{step_rate:,.0f}")
             if peak:  # model FLOPs utilisation of this step, per GPU (flops.py has the formula)
