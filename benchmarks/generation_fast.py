@@ -445,7 +445,8 @@ def render(folder: Path, merged_json: bool = True) -> str:
                                  f"{f'{bound:,.0f}' if bound else 'n/a'} | {r['ms_per_token']:.2f} | {memory} | {runs} |")
             lines.append("")
             for ours, theirs in (("block fast", "vanilla fast"), ("block fast", "vanilla hf"), ("block fast", "block eager"),
-                                 ("vanilla fast", "vanilla hf")):
+                                 ("vanilla fast", "vanilla hf"), ("block compiled", "vanilla compiled"),
+                                 ("block compiled", "block fast"), ("vanilla compiled", "vanilla fast")):
                 if ours in best and theirs in best:
                     lines.append(f"- best {ours} / best {theirs}: {best[ours] / best[theirs]:.2f}x")
             lines.append("")
