@@ -206,6 +206,7 @@ class Run:
             report[f"block {name}"] = {**compare(outputs["fast"], outputs["eager"]), "seconds": timings}
             report[f"block compiled {name}"] = compare(outputs["compiled"], outputs["eager"])
             self.log(f"block {name}: {report[f'block {name}']}; compiled: {report[f'block compiled {name}']}")
+            self.write("check-partial.json", report)  # kept if the call's limit stops the part before its end
         from uptrain.vanilla_engine import generate_static, release
 
         vanilla = self.model("vanilla", torch.float32)
@@ -222,6 +223,7 @@ class Run:
             "vanilla float32 identical": report["vanilla float32"]["identical"],
         }
         self.write("check.json", report)
+        (self.out / f"{self.shape_name}-check-partial.json").unlink(missing_ok=True)
 
     # -- throughput ---------------------------------------------------------------------------------------
 
