@@ -13,13 +13,12 @@ Settings (vanilla, the throughput benchmark's recipe, micro-batch 32 x 8 unless 
 - stacks+loss: the decoder stack compiled, the chunk loss compiled, the rest eager;
 - states-only: the states compiled, the chunk loss eager;
 - plain-eager: full logits, nothing compiled, micro-batch 16.
-The trainer's own update rule is not used: every step's gradient norm is printed even when it is not finite
-(the optimizer steps only when loss and norm are finite, as the trainer does).
+Steps are the trainer's own (`Trainer.train_step`, which updates only when loss and gradient norm are finite),
+so every step's gradient norm is printed even when it is not finite; nothing stops the probe.
 """
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -84,23 +83,12 @@ def bisect(trainer) -> dict:
 
 
 def probe(trainer, steps: int) -> list[dict]:
-    accelerator = trainer.accelerator
+    """The trainer's own steps: each updates only when loss and gradient norm are finite, and records both."""
     records, began = [], time.time()
     for step in range(steps):
-        losses = []
-        for ids in trainer.micro_batches(step):
-            with accelerator.autocast():
-                loss, ce = trainer.model(ids)
-                accelerator.backward(loss / trainer.accumulation)
-            losses.append(float(ce))
-        norm = float(accelerator.clip_grad_norm_(trainer.model.parameters(), 1.0))
-        mean = sum(losses) / len(losses)
-        if math.isfinite(mean) and math.isfinite(norm):
-            trainer.optimizer.step()
-            trainer.schedule.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        records.append({"step": step, "mean_ce": mean, "grad_norm": norm})
-        print(f"step {step}: ce {mean:.4f}, gradient norm {norm:.3f} ({time.time() - began:.0f} s)", flush=True)
+        mean = trainer.train_step(step)
+        records.append({"step": step, "mean_ce": mean, "grad_norm": trainer.grad_norm})
+        print(f"step {step}: ce {mean:.4f}, gradient norm {trainer.grad_norm:.3f} ({time.time() - began:.0f} s)", flush=True)
     return records
 
 
