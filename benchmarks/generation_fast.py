@@ -396,7 +396,8 @@ def card_of(facts: dict) -> str:
 
 def render(folder: Path, merged_json: bool = True) -> str:
     """SHAPE-SCENARIO.png, summary.md and (merged_json) results.json from every part file in `folder`; returns
-    the summary. A run renders its own parts without results.json: at most 8 files come back from a GPU call."""
+    the summary. Rows of one engine from several parts merge by batch size (a later file, by name, wins a tie).
+    A run renders its own parts without results.json: at most 8 files come back from a GPU call."""
     merged = {"shapes": {}}
     for path in sorted(folder.glob("*.json")):
         if path.name == "results.json":
@@ -408,7 +409,9 @@ def render(folder: Path, merged_json: bool = True) -> str:
             shape["check"] = part
         elif "scenario" in part:
             target = shape["scenarios"].setdefault(part["scenario"], {k: part[k] for k in ("prompt_len", "gen_len")} | {"results": {}})
-            target["results"].update(part["results"])
+            for label, rows in part["results"].items():  # parts of one label (e.g. two calls' batches) merge by batch
+                by_batch = {r["batch_size"]: r for r in target["results"].get(label, []) + rows}
+                target["results"][label] = [by_batch[b] for b in sorted(by_batch)]
     for shape in merged["shapes"].values():
         card = card_of(shape["environment"])
         for data in shape["scenarios"].values():

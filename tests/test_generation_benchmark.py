@@ -2,6 +2,7 @@
 batch is bound by reading the KV cache, so its time per row is the sum over steps of cache bytes over
 bandwidth), and the run-time extrapolation that decides which batch sizes fit the time budget."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from generation_fast import CARDS, SHAPES, predicted_seconds, roofline  # noqa: E402
+from generation_fast import CARDS, SHAPES, predicted_seconds, render, roofline  # noqa: E402
 
 
 def test_vanilla_decode_at_huge_batch_is_the_kv_cache_bandwidth_bound():
@@ -39,3 +40,21 @@ def test_run_time_extrapolates_from_the_last_two_batches_between_square_root_and
     exponent = math.log(3) / math.log(4)
     assert predicted_seconds(between, 1600) == pytest.approx(12.0 * 4**exponent)
     assert predicted_seconds(between[:1] + [{"batch_size": 200, "out_of_memory": True}], 400) == pytest.approx(16.0)
+
+
+def test_render_merges_one_engines_rows_from_several_calls_by_batch(tmp_path):
+    def row(batch, tokens_per_second):
+        return {"batch_size": batch, "tokens_per_second": tokens_per_second, "ms_per_token": 1.0,
+                "peak_memory_bytes": 2**30, "all_seconds": [1.0]}
+
+    def part(name, rows):
+        (tmp_path / name).write_text(json.dumps({
+            "shape": "SmolLM2-360M", "config": SHAPES["SmolLM2-360M"], "environment": {"gpu": "NVIDIA H100 80GB HBM3"},
+            "scenario": "decode-heavy", "prompt_len": 128, "gen_len": 2048, "results": {"vanilla fast": rows}}))
+
+    part("a-vanilla-fast.json", [row(256, 100.0), row(512, 150.0)])
+    part("b-vanilla-fast-768.json", [row(768, 170.0), row(512, 160.0)])  # a later call: 768, and 512 again
+    summary = render(tmp_path)
+    rows = json.loads((tmp_path / "results.json").read_text())["shapes"]["SmolLM2-360M"]["scenarios"]["decode-heavy"]["results"]
+    assert [(r["batch_size"], r["tokens_per_second"]) for r in rows["vanilla fast"]] == [(256, 100.0), (512, 160.0), (768, 170.0)]
+    assert "| vanilla fast | 768 | 170 |" in summary
