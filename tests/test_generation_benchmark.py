@@ -1,6 +1,7 @@
 """benchmarks/generation_fast.py's arithmetic: the roofline against a closed form (a vanilla decode at a huge
 batch is bound by reading the KV cache, so its time per row is the sum over steps of cache bytes over
-bandwidth), and the run-time extrapolation that decides which batch sizes fit the time budget."""
+bandwidth), the run-time extrapolation that decides which batch sizes fit the time budget, the merging of
+part files; and the token-agreement logic of both GPU checks (generation_fast's and bf16_agreement's)."""
 
 import json
 import math
@@ -11,7 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from generation_fast import CARDS, SHAPES, predicted_seconds, render, roofline  # noqa: E402
+import torch  # noqa: E402
+from bf16_agreement import first_divergences, gaps_at  # noqa: E402
+from generation_fast import CARDS, SHAPES, compare, predicted_seconds, render, roofline  # noqa: E402
 
 
 def test_vanilla_decode_at_huge_batch_is_the_kv_cache_bandwidth_bound():
@@ -58,3 +61,19 @@ def test_render_merges_one_engines_rows_from_several_calls_by_batch(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["shapes"]["SmolLM2-360M"]["scenarios"]["decode-heavy"]["results"]
     assert [(r["batch_size"], r["tokens_per_second"]) for r in rows["vanilla fast"]] == [(256, 100.0), (512, 160.0), (768, 170.0)]
     assert "| vanilla fast | 768 | 170 |" in summary
+
+
+def test_agreement_counts_tokens_and_finds_each_rows_first_divergence():
+    reference = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]])  # (rows, new tokens)
+    other = torch.tensor([[5, 6, 0, 0], [1, 2, 3, 4], [0, 9, 9, 9]])
+    assert first_divergences(other, reference) == [2, None, 0]
+    report = compare(other, reference)
+    assert report == {"identical": False, "token_agreement": 9 / 12, "first_divergence": [2, None, 0]}
+    assert compare(reference, reference)["identical"]
+
+
+def test_gap_at_the_first_divergence_is_the_chosen_tokens_logit_minus_the_others():
+    chosen, other = torch.tensor([[3, 1], [2, 2]]), torch.tensor([[3, 0], [2, 2]])
+    logits = [torch.zeros(2, 4), torch.zeros(2, 4)]  # per row: (new tokens, vocab)
+    logits[0][1, 1], logits[0][1, 0] = 2.5, 2.25  # row 0 parts at token 1: a 0.25 near-tie
+    assert gaps_at(logits, chosen, other, first_divergences(other, chosen)) == [0.25, None]
