@@ -17,6 +17,12 @@ would be an engine error. Also the fast (and compiled) engine against the eager 
 float32 gap at their first divergence along the eager row, and how often the float32 top-2 gap along the
 reference rows is that small anyway.
 
+The verdict (printed, in the report, and the exit status): every float32 run identical to float32 eager, and
+every bf16 first divergence (from float32 eager, and of the fast and compiled engines from bf16 eager) at a
+float32 gap within --near-tie nats. The default, 0.5, is two bf16 spacings at logits of 16-32, where these
+models' top logits lie. A row that loops leaves float32 by nats in bf16 whichever engine runs it, so the
+verdict means something only on text that does not loop: run it on the identity conversion.
+
 --tokens FILE.partial.json analyses tokens generated elsewhere (the GPU's runs, analysed here on the CPU): the
 teacher-forced passes need no GPU, and the eager bf16 decode of 2,048 tokens leaves the GPU call little time.
 """
@@ -37,6 +43,7 @@ PROMPTS = ["The history of the Roman Empire", "def fibonacci(n):\n    ", "Once u
            "The capital of France is", "Photosynthesis is the process by which", "import numpy as np\n",
            "Dear Sir or Madam,\nI am writing to", "The three laws of thermodynamics"]
 NEAR_TIE = (0.01, 0.05, 0.1)  # nats: float32 top-2 gaps counted along the reference rows
+VERDICT_NEAR_TIE = 0.5  # nats: the largest float32 gap at which a bf16 first divergence still counts as a near-tie
 DEFAULT_RUNS = "float32/eager,float32/fast,bfloat16/eager,bfloat16/fast"
 ENGINE_OPTIONS = {"eager": {"engine": "eager"}, "fast": {"engine": "fast"},
                   "compiled": {"engine": "fast", "compile_steps": True}}
@@ -87,6 +94,26 @@ def gaps_at(logits: list[torch.Tensor], chosen: torch.Tensor, other: torch.Tenso
     return [None if k is None else float(logits[r][k, chosen[r, k]] - logits[r][k, other[r, k]]) for r, k in enumerate(first)]
 
 
+def verdict(report: dict, near_tie: float) -> dict:
+    """{"passed", "near_tie", "failures"} of a report: float32 runs must equal float32 eager token for token;
+    each bf16 first divergence must sit at a float32 gap of at most `near_tie` nats (either sign: along the
+    eager row the other engine's token may be float32's favourite)."""
+    comparisons = [(f"{run} against float32 eager", run.split()[0], result)
+                   for run, result in report["against_float32_eager"].items()]
+    comparisons += [(f"{engine} against eager, {dtype}", dtype, result) for engine in ("fast", "compiled")
+                    for dtype, result in report[f"{engine}_against_eager"].items()]
+    failures = []
+    for name, dtype, result in comparisons:
+        rows = [(r, k, g) for r, (k, g) in enumerate(zip(result["first_divergence"], result["float32_gap_at_first_divergence"]))
+                if k is not None]
+        if dtype == "float32":
+            failures += [f"{name}: row {r} differs from token {k} on" for r, k, _ in rows]
+        else:
+            failures += [f"{name}: row {r} parts at token {k} with a float32 gap of {g:.3f} nats" for r, k, g in rows
+                         if abs(g) > near_tie]
+    return {"passed": not failures, "near_tie": near_tie, "failures": failures}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -97,6 +124,8 @@ def main():
     parser.add_argument("--runs", default=DEFAULT_RUNS,
                         help=f"DTYPE/ENGINE pairs (engines: {', '.join(ENGINE_OPTIONS)}); float32/eager is the reference")
     parser.add_argument("--tokens", type=Path, help="analyse the tokens of an OUT.partial.json instead of generating")
+    parser.add_argument("--near-tie", type=float, default=VERDICT_NEAR_TIE,
+                        help="nats: the verdict's largest float32 gap at a bf16 first divergence")
     args = parser.parse_args()
     if args.tokens:
         saved = json.loads(args.tokens.read_text())
@@ -145,9 +174,12 @@ def main():
                     "token_agreement": float((other == eager).float().mean()), "first_divergence": first,
                     # along the eager row: float32 logit of eager's token minus that of this engine's token
                     "float32_gap_at_first_divergence": gaps_at(eager_logits, eager, other, first)}
+    report["verdict"] = verdict(report, args.near_tie)
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"passed: {report['verdict']['passed']}")
+    sys.exit(0 if report["verdict"]["passed"] else 1)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ weights; converted here in float32). Every JSON records which.
   until memory runs short or the part's time budget would be exceeded (a run's time extrapolated from the
   last two batch sizes). The fast engines warm up once (that
   run builds the buffers and captures the graphs), then 2 timed runs; the eager ones, host-bound and slow,
-  run once with no warm-up (they follow the fast engines in the same process).
+  run once with no warm-up (they follow the fast engines in the same process), unless --eager-warmup gives
+  them a warm-up run too: their first run at a large batch can take twice a warmed one (docs/benchmarks.md).
 - profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
   --profile-batch: the kernel table sorted by device time (--profile-engine compiled: the compiled steps).
 """
@@ -100,6 +101,8 @@ def parse():
     parser.add_argument("--gguf", type=Path, help="SmolLM2-135M GGUF: real weights (default: random weights).")
     parser.add_argument("--device", default=None, help="Default: cuda if there is one, else cpu.")
     parser.add_argument("--budget-s", type=float, default=540, help="Skip measurements predicted to end later than this.")
+    parser.add_argument("--eager-warmup", action="store_true",
+                        help="A warm-up run for the eager engines and transformers' generate too (default: none).")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")],
                         help="Batch sizes for every throughput part named (default: GPU_BATCHES).")
     parser.add_argument("--check-new-tokens", type=int, default=2048)
@@ -239,7 +242,7 @@ class Run:
             fast = engine in ("fast", "compiled")
             settings = BenchSettings(
                 scenario="custom", prompt_len=prompt_len, gen_len=gen_len, batch_sizes=sizes,
-                warmup=1 if fast else 0, repeats=2 if fast else 1, device=self.device,
+                warmup=1 if fast or self.args.eager_warmup else 0, repeats=2 if fast else 1, device=self.device,
                 dtype="float32" if self.args.smoke else "bfloat16", engine=engine,
             )
             model = self.model(kind, dtype)

@@ -1,7 +1,8 @@
 """benchmarks/generation_fast.py's arithmetic: the roofline against a closed form (a vanilla decode at a huge
 batch is bound by reading the KV cache, so its time per row is the sum over steps of cache bytes over
 bandwidth), the run-time extrapolation that decides which batch sizes fit the time budget, the merging of
-part files; and the token-agreement logic of both GPU checks (generation_fast's and bf16_agreement's)."""
+part files; and the token-agreement logic of both GPU checks (generation_fast's and bf16_agreement's, with the
+latter's verdict)."""
 
 import json
 import math
@@ -13,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import torch  # noqa: E402
-from bf16_agreement import first_divergences, gaps_at  # noqa: E402
+from bf16_agreement import first_divergences, gaps_at, verdict  # noqa: E402
 from generation_fast import CARDS, SHAPES, compare, predicted_seconds, render, roofline  # noqa: E402
 
 
@@ -77,3 +78,22 @@ def test_gap_at_the_first_divergence_is_the_chosen_tokens_logit_minus_the_others
     logits = [torch.zeros(2, 4), torch.zeros(2, 4)]  # per row: (new tokens, vocab)
     logits[0][1, 1], logits[0][1, 0] = 2.5, 2.25  # row 0 parts at token 1: a 0.25 near-tie
     assert gaps_at(logits, chosen, other, first_divergences(other, chosen)) == [0.25, None]
+
+
+def _agreement_report(float32_fast_first, bf16_gaps, compiled_gaps):
+    """A bf16_agreement report with one float32 and one bf16 run against float32 eager, and compiled against eager."""
+    def result(gaps):
+        return {"first_divergence": [None if g is None else 7 for g in gaps], "float32_gap_at_first_divergence": gaps}
+    fast32 = {"first_divergence": float32_fast_first, "float32_gap_at_first_divergence": [None] * len(float32_fast_first)}
+    return {"against_float32_eager": {"float32 fast": fast32, "bfloat16 fast": result(bf16_gaps)},
+            "fast_against_eager": {}, "compiled_against_eager": {"bfloat16": result(compiled_gaps)}}
+
+
+def test_verdict_passes_near_ties_and_fails_float32_differences_and_large_bf16_gaps():
+    assert verdict(_agreement_report([None, None], [0.2, None], [-0.4, 0.01]), near_tie=0.5) == \
+        {"passed": True, "near_tie": 0.5, "failures": []}
+    large = verdict(_agreement_report([None, None], [0.2, None], [-0.6, 0.01]), near_tie=0.5)  # the sign does not excuse
+    assert not large["passed"] and large["failures"] == ["compiled against eager, bfloat16: row 0 parts at token 7 with a "
+                                                          "float32 gap of -0.600 nats"]
+    float32 = verdict(_agreement_report([None, 3], [None, None], [None, None]), near_tie=0.5)
+    assert float32["failures"] == ["float32 fast against float32 eager: row 1 differs from token 3 on"]
