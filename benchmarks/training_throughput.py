@@ -139,6 +139,26 @@ def profile_step(trainer, step: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
 
 
+def run_child(command: list[str], name: str, output: Path, timeout_s: float | None) -> dict:
+    """One variant in its own process -> its result, or {"variant", "error"} with the last lines of its stderr; a
+    failed variant's whole stderr goes beside OUTPUT (OUTPUT-VARIANT.stderr.txt), since an error's cause is often
+    at the top of a long trace."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr, failed = done.stdout, done.stderr, done.returncode != 0
+        reason = f"exit status {done.returncode}"
+    except subprocess.TimeoutExpired as stopped:  # killed: what it printed so far is kept
+        decode = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        stdout, stderr, failed = decode(stopped.stdout), decode(stopped.stderr), True
+        reason = f"stopped after {timeout_s:.0f} s"
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if lines and not failed:
+        return json.loads(lines[-1].removeprefix("RESULT "))
+    log = output.with_name(f"{output.stem}-{name}.stderr.txt")
+    log.write_text(stderr)
+    return {"variant": name, "error": [reason, *stderr.strip().splitlines()[-5:]], "stderr_file": str(log)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config_dir", type=Path)
@@ -151,6 +171,8 @@ def main():
     parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--profile", action="store_true", help="profile one step of the first variant")
     parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides key=value for every variant")
+    parser.add_argument("--variant-timeout-s", type=float,
+                        help="stop a variant after this many seconds and record it as failed (default: no limit)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -169,12 +191,7 @@ def main():
                    "--one", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
                    "--accumulation", str(args.accumulation), "--set", *args.set]
         command += ["--profile"] if args.profile and index == 0 else []
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            results.append({"variant": name, "error": done.stderr.strip().splitlines()[-5:]})
-        else:
-            results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        results.append(run_child(command, name, args.output, args.variant_timeout_s))
         args.output.write_text(json.dumps(results, indent=1) + "\n")
         row = results[-1]
         if "error" in row:
