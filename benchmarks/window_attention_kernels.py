@@ -6,7 +6,6 @@ thousands of windows a micro-batch; in the eighth session's profile the backward
 shape (random weights, float32 stream, bf16 autocast, compiled as the trainer compiles it) over the
 windows of one micro-batch, once per way of writing the attention, and reports forward + backward time
 and peak memory; "none" (the attention replaced by passing the queries through) is the rest of the layer.
-"current" is `uptrain.window_attention` as it is (unrolled over the keys since the ninth session).
 Each way is first checked against the current one in float32 (outputs and input gradients).
 
     python benchmarks/window_attention_kernels.py CONFIG_DIR --output RESULTS.json [--windows 16384]
@@ -34,15 +33,16 @@ def _causal(scores: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~keep, float("-inf")).softmax(-1)
 
 
-def broadcast(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """The eighth session's way (commit b130978): one broadcast product over all keys, reduced over d, and
-    one over all values, reduced over the keys."""
+def unrolled(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """One product and sum over d per key position: no reduction over the window's rows in the forward pass."""
     batch, heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
-    q = query.float().view(batch, kv_heads, heads // kv_heads, length, 1, head_dim)  # (B, Hkv, G, T, 1, d)
+    q = query.float().view(batch, kv_heads, heads // kv_heads, length, head_dim)  # (B, Hkv, G, T, d)
+    k, v = key.float()[:, :, None], value.float()[:, :, None]  # (B, Hkv, 1, S, d)
     scale = head_dim**-0.5 if scaling is None else scaling
-    probs = _causal((q * key.float()[:, :, None, None]).sum(-1) * scale)  # (B, Hkv, G, T, S)
-    out = (probs[..., None] * value.float()[:, :, None, None]).sum(-2)  # (B, Hkv, G, T, d)
+    scores = torch.stack([(q * k[:, :, :, s : s + 1]).sum(-1) for s in range(key.shape[2])], -1) * scale
+    probs = _causal(scores)  # (B, Hkv, G, T, S)
+    out = sum(probs[..., s : s + 1] * v[:, :, :, s : s + 1] for s in range(key.shape[2]))  # (B, Hkv, G, T, d)
     return out.to(query.dtype).reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
 
 
@@ -82,7 +82,7 @@ def none(module, query, key, value, attention_mask, **kwargs):
     return query.transpose(1, 2).contiguous(), None
 
 
-WAYS = {"current": window_attention, "broadcast": broadcast, "expanded": expanded, "matmul": matmul, "sdpa": sdpa,
+WAYS = {"current": window_attention, "unrolled": unrolled, "expanded": expanded, "matmul": matmul, "sdpa": sdpa,
         "none": none}
 
 
