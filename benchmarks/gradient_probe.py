@@ -53,7 +53,7 @@ def trainer_for(name: str, source: Path, data: Path, work: Path, steps: int, ext
     torch._dynamo.reset()
     values = dict(source=source, data=data, output_dir=work / f"probe-{name}", tracker="none", architecture="vanilla",
                   fast_loss=True, compile=True, micro_batch_size=32, global_batch_size=256, max_steps=steps,
-                  warmup_steps=2)
+                  warmup_steps=2, compile_tuning=False)
     values.update(overrides)
     trainer = train_module.Trainer(load_recipe(RECIPE, [f"{k}={v}" for k, v in values.items()] + extra))
     trainer.load()

@@ -282,7 +282,7 @@ def main():
     base = {"source": converted, "data": data, "micro_batch_size": args.micro_batch_size,
                 "global_batch_size": args.global_batch_size, "max_steps": args.steps, "warmup_steps": 5, "lr": 1e-3,
                 "eval_every": resume_at, "eval_windows": 8, "save_every": resume_at, "keep_checkpoints": 2, "log_every": 1,
-                "tracker": "none"}
+                "tracker": "none", "compile_tuning": "false"}  # short runs: tuning's compilation costs more than it saves
     base.update(dict(item.split("=", 1) for item in args.set))
     distill = {**base, "max_steps": args.distill_steps, "eval_every": args.distill_steps,
                "save_every": args.distill_steps, "distill.enabled": "true", "distill.teacher": source}

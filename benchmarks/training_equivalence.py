@@ -56,7 +56,7 @@ def main():
     _, source, data = setup(args.config_dir, args.work_dir, args.data)  # the converted random-weight model
     settings = dict(source=source, data=data, micro_batch_size=16, global_batch_size=GLOBAL_BATCH,
                     max_steps=args.steps, warmup_steps=20, lr=1e-3, eval_every=50, eval_windows=16, save_every=args.steps, log_every=10,
-                    tracker="none")
+                    tracker="none", compile_tuning="false")  # tuning: minutes of compilation, the same function
     for name in args.paths.split(","):
         out = args.work_dir / f"curve-{args.label}{name}"
         overrides = {**settings, **PATHS[name], "output_dir": out, "resume": "none"}

@@ -90,8 +90,11 @@ def run_variant(name: str, overrides: dict, sources: dict, data: Path, work: Pat
     from uptrain.train import Trainer
 
     micro = overrides["micro_batch_size"]
+    # kernel tuning off unless --set turns it on: minutes of compilation for a few steps, and the documented
+    # variants were measured without it
     values = dict(source=sources[overrides["architecture"]], data=data, output_dir=work / f"run-{name}", tracker="none",
-                  global_batch_size=micro * accumulation, max_steps=warmup + steps, warmup_steps=2, **overrides)
+                  global_batch_size=micro * accumulation, max_steps=warmup + steps, warmup_steps=2, compile_tuning=False,
+                  **overrides)
     if overrides.get("distill.enabled"):
         values["distill.teacher"] = sources["vanilla"]
     recipe = load_recipe(RECIPE, [f"{key}={value}" for key, value in values.items()] + extra)

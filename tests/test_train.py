@@ -271,6 +271,23 @@ def test_compiled_decoders_give_the_eager_run(tiny_source, tiny_data, tmp_path, 
     torch.testing.assert_close(torch.tensor(curves["true"]), torch.tensor(curves["false"]), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("compiled, tuning", [(True, False), (True, True), (False, True)])
+def test_compile_tuning_turns_on_inductors_kernel_tuning(compiled, tuning, tiny_source, tiny_data, tmp_path, monkeypatch):
+    """`compile_tuning=true` is inductor's coordinate-descent tuning, set before the first step compiles;
+    without `compile` there is nothing to tune."""
+    import torch._inductor.config as inductor
+
+    from uptrain.recipe import load_recipe
+    from uptrain.train import Trainer
+
+    monkeypatch.setattr(inductor, "coordinate_descent_tuning", False)  # restored after the test
+    source, _ = tiny_source("llama")
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(source, tiny_data, tmp_path, compile=str(compiled).lower(),
+                                                     compile_tuning=str(tuning).lower()))
+    Trainer(recipe).load()
+    assert inductor.coordinate_descent_tuning is (compiled and tuning)
+
+
 def test_mfu_is_logged_where_the_card_is_known(tiny_source, tiny_data, tmp_path, run_cli, monkeypatch):
     """On a GPU with a known peak the log carries MFU = step tokens/s x FLOPs per token / peak (per process)."""
     import uptrain.train
