@@ -123,14 +123,14 @@ def evaluate(
     length-normalised accuracy, LAMBADA's perplexity) on the same requests, scored as lm-evaluation-harness
     scores them. For a converted folder the results are also saved in it (eval_results.json), for its model card.
     """
-    import json
-
+    from uptrain.architectures import is_block_folder
     from uptrain.data import tokenizer_fingerprint
     from uptrain.evaluate import format_table, read_documents, score, text_windows
-    from uptrain.inference import is_block_transformer, load_for_inference
+    from uptrain.inference import load_for_inference
+    from uptrain.records import update_evaluation, write_json
     from uptrain.sources import public_spec
     from uptrain.tasks import PACKAGE, parse_tasks, read_requests
-    from uptrain.zero_shot import evaluate_tasks, format_task_table, merge_eval_results, task_records
+    from uptrain.zero_shot import evaluate_tasks, format_task_table, task_records
 
     if not data and not tasks:
         raise UserError("give --data (perplexity over text), --tasks (zero-shot accuracy), or both")
@@ -173,13 +173,9 @@ def evaluate(
         return record
 
     if output is not None:
-        output.write_text(json.dumps(report(lambda spec: spec), indent=2) + "\n")
-    if is_block_transformer(model):  # the card (`uptrain push`) shows the latest results; no local paths in it
-        path = Path(model) / "eval_results.json"
-        existing = json.loads(path.read_text()) if path.is_file() else {}
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(merge_eval_results(existing, report(public_spec)), indent=2) + "\n")
-        partial.replace(path)
+        write_json(output, report(lambda spec: spec))
+    if is_block_folder(model):  # the card (`uptrain push`) shows the latest results; no local paths in it
+        update_evaluation(Path(model), report(public_spec))
 
 
 @app.command()
@@ -253,10 +249,10 @@ def bench(
     timed with CUDA events on a GPU. With --engine fast both models run the same static-cache engine, so that
     the ratio measures the architecture.
     """
+    import torch
+
     from uptrain.bench import BenchSettings, format_table, parse_batch_sizes, write_report
     from uptrain.bench import bench as run_bench
-
-    import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,11 +289,11 @@ def data_prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists and is not empty.")] = False,
 ):
     """Tokenize a corpus into shards for `uptrain train` (each document ends with EOS)."""
+    from uptrain.architectures import is_block_folder
     from uptrain.data import prepare
-    from uptrain.inference import is_block_transformer
     from uptrain.sources import load_tokenizer, resolve
 
-    loaded = load_tokenizer(resolve(tokenizer, gguf_file), trust_remote_code=is_block_transformer(tokenizer))
+    loaded = load_tokenizer(resolve(tokenizer, gguf_file), trust_remote_code=is_block_folder(tokenizer))
     if loaded is None:
         raise UserError(f"{tokenizer} has no tokenizer")
     manifest = prepare(

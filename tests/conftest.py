@@ -12,10 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from families import save_tiny_model  # noqa: E402
 
+from cli import app  # noqa: E402
 from uptrain.default_model import default_model_path  # noqa: E402
 from uptrain.sources import load_model, load_tokenizer, resolve  # noqa: E402
-
-from cli import app  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ float32 rounding (stated tolerances: rel 1e-5 on the loss, 1e-4 of each gradient
 
 import pytest
 import torch
-from families import FAMILIES, save_tiny_model
+from conftest import load_block_model
+from families import FAMILIES
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
@@ -15,8 +16,6 @@ from uptrain.chunked_loss import ChunkGradient, chunked_head_loss, cross_entropy
 from uptrain.flops import training_flops_per_token
 from uptrain.objective import NextTokenObjective, head_mismatch
 from uptrain.window_attention import use_window_attention
-
-from conftest import load_block_model
 
 
 def gradients(model, objective, ids):

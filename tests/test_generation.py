@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from families import FAMILIES, tiny_tokenizer
 from transformers import TextStreamer
 

@@ -110,9 +110,9 @@ def test_push_errors_are_one_line_and_never_show_the_token(model_with_license, h
 def test_published_files_name_no_local_paths(licensed_source, run_cli, tmp_path):
     """A model converted, uptrained and evaluated from local folders names them in its card and records by
     their folder or file names only: pushing it publishes no path of the machine it was made on."""
+    from families import tiny_tokenizer
     from test_train import TINY_RECIPE, corpus_file, tiny_overrides
 
-    from families import tiny_tokenizer
     from uptrain.data import prepare
 
     prepare(str(corpus_file(tmp_path / "corpus.txt", documents=60)), tmp_path / "tokens", tiny_tokenizer(),
@@ -139,9 +139,9 @@ def test_published_files_name_no_local_paths(licensed_source, run_cli, tmp_path)
 
 def test_distilling_into_a_locally_converted_folder_needs_the_teacher_named(licensed_source, run_cli, tmp_path):
     """Records name a local source without its path, so the default teacher cannot be found from them."""
+    from families import tiny_tokenizer
     from test_train import TINY_RECIPE, corpus_file, tiny_overrides
 
-    from families import tiny_tokenizer
     from uptrain.data import prepare
 
     model = tmp_path / "model"

@@ -91,9 +91,8 @@ def test_generation_matches_teacher_forcing_on_real_weights(smollm2, converted_b
 def test_gguf_special_tokens_come_from_its_header(smollm2, monkeypatch):
     """The GGUF header's special ids win over what a transformers version reads: 5.17 gave SmolLM2's EOS as
     id 1 (<|im_start|>), 5.24 as 2 (<|im_end|>, the header's). Simulated here by a reader that gets it wrong."""
-    from gguf import GGUFReader
-
     import transformers
+    from gguf import GGUFReader
 
     from uptrain.sources import load_tokenizer, resolve
 

@@ -14,8 +14,8 @@ from families import tiny_tokenizer
 from safetensors.torch import load_file
 
 from uptrain.data import prepare
-from uptrain.recipe import load_recipe
 from uptrain.objective import distillation_loss
+from uptrain.recipe import load_recipe
 from uptrain.train import complete_checkpoints, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,9 +290,9 @@ def test_compile_tuning_turns_on_inductors_kernel_tuning(compiled, tuning, tiny_
 
 def test_mfu_is_logged_where_the_card_is_known(tiny_source, tiny_data, tmp_path, run_cli, monkeypatch):
     """On a GPU with a known peak the log carries MFU = step tokens/s x FLOPs per token / peak (per process)."""
-    import uptrain.train
     from transformers import AutoModelForCausalLM
 
+    import uptrain.train
     from uptrain.flops import training_flops_per_token
 
     monkeypatch.setattr(uptrain.train, "peak_flops", lambda device: 1e9)

@@ -17,8 +17,9 @@ from lm_eval.models.huggingface import HFLM
 
 from uptrain import tasks as task_data
 from uptrain.errors import UserError
+from uptrain.records import merge_evaluation
 from uptrain.tasks import TASKS, Request, read_requests
-from uptrain.zero_shot import loglikelihoods, merge_eval_results, stderr, task_metrics
+from uptrain.zero_shot import loglikelihoods, stderr, task_metrics
 
 FIXTURES = Path(__file__).parent / "data" / "zero-shot"  # tiny hand-written files in the wheel's format
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -144,10 +145,10 @@ def test_lambada_metrics_by_hand():
 
 def test_merging_keeps_perplexity_and_earlier_tasks():
     perplexity = {"model": {"loss": 1.0}, "settings": {"data": ["a.txt"]}}
-    first = merge_eval_results(perplexity, {"zero_shot": {"piqa": {"model": {"acc": 0.6}}}})
-    second = merge_eval_results(first, {"zero_shot": {"lambada": {"model": {"acc": 0.3}}, "piqa": {"model": {"acc": 0.7}}}})
+    first = merge_evaluation(perplexity, {"zero_shot": {"piqa": {"model": {"acc": 0.6}}}})
+    second = merge_evaluation(first, {"zero_shot": {"lambada": {"model": {"acc": 0.3}}, "piqa": {"model": {"acc": 0.7}}}})
     assert second == {**perplexity, "zero_shot": {"piqa": {"model": {"acc": 0.7}}, "lambada": {"model": {"acc": 0.3}}}}
-    again = merge_eval_results(second, {"model": {"loss": 2.0}, "settings": {}})
+    again = merge_evaluation(second, {"model": {"loss": 2.0}, "settings": {}})
     assert again["model"] == {"loss": 2.0} and again["zero_shot"] == second["zero_shot"]
 
 

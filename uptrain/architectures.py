@@ -1,11 +1,21 @@
-"""What the converter must know about source architectures, kept as data.
+"""What the toolkit knows about model anatomy: the source families' quirks kept as data, and the helpers
+that find a model's parts (block or vanilla, decoder stacks and layers, output head, final norm).
 
 Everything else is read off the source's own transformers classes: the decoder-layer list is the base
 model's ModuleList with `num_hidden_layers` entries, the final norm is found by name
-(`modeling_block_transformer.FINAL_NORM_NAMES`).
+(`modeling_block_transformer.FINAL_NORM_NAMES`, kept in the shipped modeling file, which needs it too).
 """
 
+import json
+from pathlib import Path
+
 import torch
+from torch import nn
+
+from .errors import UserError
+from .modeling_block_transformer import final_norm_name
+
+BLOCK_MODEL_TYPE = "block_transformer"  # `model_type` of every Block Transformer config
 
 # Base models that change `inputs_embeds` before their first layer. `scale_from`: a config attribute the
 # embeddings are multiplied by; `position_embedding`: a learned absolute position table that is added.
@@ -80,3 +90,54 @@ def logit_transform(config):
         return lambda logits: logits
     apply = LOGIT_OPERATIONS[operation]
     return lambda logits: apply(logits, value)
+
+
+# -- a model's anatomy ----------------------------------------------------------------------------------------
+
+
+def is_block_model(model: nn.Module) -> bool:
+    """Whether a loaded model is a Block Transformer (by its config, as for a folder)."""
+    return getattr(getattr(model, "config", None), "model_type", None) == BLOCK_MODEL_TYPE
+
+
+def is_block_folder(spec: str | Path) -> bool:
+    """Whether `spec` is a local folder holding a Block Transformer (its config.json says so)."""
+    config = Path(spec) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == BLOCK_MODEL_TYPE
+
+
+def output_head(model: nn.Module):
+    """(weight (V, D), bias (V,) or None, logit transform) of a causal LM's head, block or vanilla."""
+    lm = model.token_decoder if is_block_model(model) else model
+    head = lm.get_output_embeddings()
+    return head.weight, head.bias, logit_transform(lm.config)
+
+
+def layer_list_name(base_model: nn.Module) -> str:
+    """Name of a base model's decoder-layer list (`layers`, `h`, ...): its ModuleList of `num_hidden_layers`."""
+    count = base_model.config.num_hidden_layers
+    for name, child in base_model.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == count:
+            return name
+    raise UserError(f"unsupported model {base_model.config.model_type!r}: no list of {count} decoder layers found")
+
+
+def final_norm(base_model: nn.Module) -> nn.Module:
+    """A base model's final norm (the block decoder drops it: its output is a residual-stream state)."""
+    return getattr(base_model, final_norm_name(base_model))
+
+
+def layers_of(base_model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers base model."""
+    return list(getattr(base_model, layer_list_name(base_model)))
+
+
+def decoder_stacks(model: nn.Module) -> list[nn.Module]:
+    """The transformers base models (embeddings, layer stack, final norm) of a block or vanilla causal LM."""
+    return [model.block_decoder, model.token_decoder.base_model] if is_block_model(model) else [model.base_model]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every decoder layer of a block or vanilla causal LM, block decoder first."""
+    return [layer for stack in decoder_stacks(model) for layer in layers_of(stack)]
+

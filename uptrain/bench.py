@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .architectures import is_block_folder, is_block_model
 from .errors import UserError, first_line
-from .inference import is_block_transformer, load_for_inference
+from .inference import load_for_inference
 from .sources import DTYPES, load_config, resolve
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}  # (prompt_len, gen_len), the paper's
@@ -108,7 +109,7 @@ def build_model(spec: str, settings: BenchSettings):
         return load_for_inference(spec, settings.device, settings.dtype)[0]
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if is_block_transformer(spec):
+    if is_block_folder(spec):
         config = AutoConfig.from_pretrained(spec, trust_remote_code=True)
     else:
         config = load_config(resolve(spec))
@@ -133,10 +134,6 @@ def generate_function(model, engine: str) -> Callable:
 
         return functools.partial(generate_static, model, compile_steps=compiled)
     return model.generate
-
-
-def is_block_model(model) -> bool:
-    return hasattr(model, "block_decoder") and hasattr(model, "token_decoder")
 
 
 def measure(model, settings: BenchSettings, batch_size: int, engine: str | None = None) -> Measurement:

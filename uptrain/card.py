@@ -7,22 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from .records import read_records
+
 # The first line of every card we write; a README.md without it was written by someone else and is kept.
 MARKER = "<!-- model card written by block-uptrain; `uptrain push` rewrites it from the records beside it -->"
-RECORD_FILES = {"conversion": "conversion.json", "training": "training.json", "evaluation": "eval_results.json"}
-
-
-def read_records(folder: Path) -> dict:
-    """{"conversion": ..., "training": ..., "evaluation": ...} from the JSON records present in `folder`."""
-    records = {}
-    for key, name in RECORD_FILES.items():
-        path = Path(folder) / name
-        if path.is_file():
-            records[key] = json.loads(path.read_text())
-    recipe = Path(folder) / "recipe.yaml"  # written beside an uptrained model
-    if recipe.is_file():
-        records["recipe"] = yaml.safe_load(recipe.read_text())
-    return records
 
 
 def card_for_folder(folder: Path, repo_id: str | None = None) -> str:

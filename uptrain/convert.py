@@ -14,13 +14,24 @@ import torch
 from torch import nn
 
 from . import __version__
-from .architectures import decoder_config, embedding_stage
+from .architectures import decoder_config, embedding_stage, final_norm, layer_list_name
 from .card import model_card
 from .configuration_block_transformer import BlockTransformerConfig
 from .errors import UserError
 from .export import check_target, staged_folder, untied_names, write_model_folder
-from .modeling_block_transformer import BlockTransformerForCausalLM, final_norm_name, initial_weights
-from .sources import DTYPES, Source, card_metadata, fingerprint, load_config, load_model, load_tokenizer, require_gguf, resolve
+from .modeling_block_transformer import BlockTransformerForCausalLM, initial_weights
+from .records import CONVERSION
+from .sources import (
+    DTYPES,
+    Source,
+    card_metadata,
+    fingerprint,
+    load_config,
+    load_model,
+    load_tokenizer,
+    require_gguf,
+    resolve,
+)
 
 METHODS = ("partition", "skip", "duplicate")
 
@@ -52,15 +63,6 @@ def select_layers(total: int, block_layers: int, method: str) -> dict[str, list[
     return {"block_decoder": spread, "token_decoder": list(spread)}
 
 
-def layer_list_name(base_model: nn.Module) -> str:
-    """Name of the base model's decoder-layer list (`layers`, `h`, ...)."""
-    count = base_model.config.num_hidden_layers
-    for name, child in base_model.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) == count:
-            return name
-    raise UserError(f"unsupported model {base_model.config.model_type!r}: no list of {count} decoder layers found")
-
-
 def check_supported(config) -> None:
     """Decoder-only causal LMs with a flat layer stack and a final norm; anything else is named and refused."""
     from transformers import AutoModel
@@ -72,7 +74,7 @@ def check_supported(config) -> None:
     with torch.device("meta"):
         base = AutoModel.from_config(config)
     try:
-        final_norm_name(base)
+        final_norm(base)
     except ValueError:
         raise UserError(f"unsupported model {kind!r}: not a decoder-only stack with a final norm") from None
     layer_list_name(base)
@@ -142,7 +144,7 @@ def source_start_context(source: nn.Module, block_layers: int) -> torch.Tensor:
         return torch.zeros(dim, dtype=next(source.parameters()).dtype)
     base = source.base_model
     captured = {}
-    norm = getattr(base, final_norm_name(base))
+    norm = final_norm(base)
     hook = norm.register_forward_pre_hook(lambda module, args: captured.setdefault("pre_norm", args[0]))
     try:
         output = base(input_ids=torch.tensor([[bos]]), output_hidden_states=True)
@@ -185,7 +187,7 @@ def convert(spec: str, out: Path, options: ConvertOptions, gguf_file: str | None
             tokenizer=tokenizer,
             generation_config=generation_config,
             card=model_card(config.to_dict(), record),
-            records={"conversion.json": record},
+            records={CONVERSION: record},
         )
     return out
 

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .records import write_json
 
 PACKAGE_DIR = Path(__file__).parent
 MODEL_FILES = ("configuration_block_transformer.py", "modeling_block_transformer.py", "generation_block_transformer.py")
@@ -87,7 +88,7 @@ def write_model_folder(
     if generation_config is not None:
         generation_config.save_pretrained(folder)
     for name, record in (records or {}).items():
-        (folder / name).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(folder / name, record)
     if card is not None:
         (folder / "README.md").write_text(card)
 

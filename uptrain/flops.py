@@ -19,7 +19,7 @@ model is the case of one decoder over all T positions: 6 x (P + V x D) + 12 x d_
 import torch
 from torch import nn
 
-from .objective import decoder_layers, is_block_model, layers_of, output_head
+from .architectures import decoder_layers, is_block_model, layers_of, output_head
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' datasheets, matched in order against
 # torch.cuda.get_device_name(); a card not listed gets no MFU figure rather than a wrong one.

@@ -1,17 +1,10 @@
 """Loading any model for inference (a converted Block Transformer or a plain source) and generating text."""
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
-
+from .architectures import is_block_folder
 from .errors import UserError
 from .sources import DTYPES, load_model, load_tokenizer, resolve
-
-
-def is_block_transformer(spec: str) -> bool:
-    config = Path(spec) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "block_transformer"
 
 
 def load_for_inference(spec: str, device: str = "cpu", dtype: str = "auto", gguf_file: str | None = None):
@@ -19,13 +12,13 @@ def load_for_inference(spec: str, device: str = "cpu", dtype: str = "auto", gguf
     if dtype not in ("auto", *DTYPES):
         raise UserError(f"unknown dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
     source = resolve(spec, gguf_file)
-    if is_block_transformer(spec):
+    if is_block_folder(spec):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=DTYPES.get(dtype, "auto"))
     else:
         model = load_model(source, dtype)
-    tokenizer = load_tokenizer(source, trust_remote_code=is_block_transformer(spec))
+    tokenizer = load_tokenizer(source, trust_remote_code=is_block_folder(spec))
     if tokenizer is None:
         raise UserError(f"{spec} has no tokenizer")
     try:

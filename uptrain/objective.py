@@ -12,19 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import logit_transform
-from .chunked_loss import DEFAULT_CHUNK_ROWS, ChunkGradient, chunked_head_loss, cross_entropy_chunks, distillation_chunks
-
-
-def is_block_model(model: nn.Module) -> bool:
-    return hasattr(model, "next_token_states")
-
-
-def output_head(model: nn.Module):
-    """(weight (V, D), bias (V,) or None, logit transform) of a causal LM's head, block or vanilla."""
-    lm = model.token_decoder if is_block_model(model) else model
-    head = lm.get_output_embeddings()
-    return head.weight, head.bias, logit_transform(lm.config)
+from .architectures import decoder_layers, decoder_stacks, is_block_model, output_head
+from .chunked_loss import (
+    DEFAULT_CHUNK_ROWS,
+    ChunkGradient,
+    chunked_head_loss,
+    cross_entropy_chunks,
+    distillation_chunks,
+)
 
 
 def next_token_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -138,23 +133,6 @@ def head_mismatch(model: nn.Module, ids: torch.Tensor) -> float:
     states = next_token_states(model, ids).to(weight.dtype)
     rebuilt = transform(F.linear(states, weight, bias).float())
     return float((rebuilt - logits).abs().max() / logits.abs().max().clamp(min=1e-6))
-
-
-def layers_of(base_model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a transformers base model (its ModuleList of `num_hidden_layers` entries)."""
-    from .convert import layer_list_name
-
-    return list(getattr(base_model, layer_list_name(base_model)))
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Every decoder layer of a block or vanilla causal LM."""
-    return [layer for stack in decoder_stacks(model) for layer in layers_of(stack)]
-
-
-def decoder_stacks(model: nn.Module) -> list[nn.Module]:
-    """The transformers base models (embeddings, layer stack, final norm) of a block or vanilla causal LM."""
-    return [model.block_decoder, model.token_decoder.base_model] if is_block_model(model) else [model.base_model]
 
 
 def compile_decoders(model: nn.Module) -> None:

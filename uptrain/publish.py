@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .architectures import is_block_folder
 from .card import card_for_folder, is_our_card
 from .errors import UserError, first_line
-from .inference import is_block_transformer
 
 
 @dataclass
@@ -27,12 +27,12 @@ class PushPlan:
 def model_folder(path: Path) -> Path:
     """The Block Transformer folder to publish: `path` itself, or the model a quickstart folder made."""
     path = Path(path)
-    if is_block_transformer(str(path)):
+    if is_block_folder(str(path)):
         return path
     summary = path / "summary.json"
     if summary.is_file():  # `uptrain quickstart OUT` made it: publish its uptrained model
         final = Path(json.loads(summary.read_text()).get("final_model", ""))
-        if is_block_transformer(str(final)):
+        if is_block_folder(str(final)):
             return final
     if not path.exists():
         raise UserError(f"model folder not found: {path}")

@@ -17,6 +17,7 @@ from .evaluate import format_table, score
 from .export import check_target
 from .inference import load_for_inference
 from .recipe import load_recipe
+from .records import EVALUATION, write_json
 from .sources import load_model, load_tokenizer, resolve
 from .train import train
 
@@ -60,7 +61,7 @@ def quickstart(out: Path, overwrite: bool = False, steps: int | None = None) -> 
     _record_evaluation(final, results, recipe.seq_len, len(windows))
     summary = {"results": results, "samples": samples, "training": facts, "seconds": time.perf_counter() - started,
                "final_model": str(final.resolve())}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     text = _summary_text(results, samples, summary)
     (out / "summary.md").write_text(text)
     print("\n" + text)
@@ -75,7 +76,7 @@ def _record_evaluation(final: Path, results: dict, seq_len: int, windows: int) -
                            "seq_len": seq_len, "windows": windows,
                            "labels": {"model": "this model", "baseline": f"{DEFAULT_HUB_ID} (source)",
                                       "converted": "freshly converted, before uptraining"}}}
-    (final / "eval_results.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(final / EVALUATION, record)
 
 
 def _summary_text(results: dict, samples: dict, summary: dict) -> str:

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .architectures import decoder_layers, is_block_model
 from .errors import UserError
 from .flops import peak_flops, training_flops_per_token
-from .objective import NextTokenObjective, compile_decoders, decoder_layers, head_mismatch, is_block_model
+from .objective import NextTokenObjective, compile_decoders, head_mismatch
 from .recipe import Recipe, dump_recipe, public_recipe
+from .records import CONVERSION, TRAINING, read_json, write_json
 from .scratch import train_padding_rows
 from .window_attention import use_window_attention
 
@@ -150,10 +152,10 @@ class Trainer:
 
     def prepare_model(self) -> Path:
         """The Block Transformer folder to uptrain: `source` itself, or its conversion (made once)."""
+        from .architectures import is_block_folder
         from .convert import convert
-        from .inference import is_block_transformer
 
-        if is_block_transformer(self.recipe.source):
+        if is_block_folder(self.recipe.source):
             return Path(self.recipe.source)
         converted = self.output_dir / "converted"
         if self.accelerator.is_main_process and not (converted / "config.json").is_file():
@@ -178,8 +180,8 @@ class Trainer:
         `source` as it is. From scratch, either architecture gets random weights of `source`'s shape."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from .architectures import is_block_folder
         from .convert import build_config
-        from .inference import is_block_transformer
         from .modeling_block_transformer import BlockTransformerForCausalLM
         from .sources import load_config, load_model, resolve
 
@@ -189,7 +191,7 @@ class Trainer:
                 return load_model(resolve(source), "float32"), source
             model_dir = str(self.prepare_model())
             return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32), model_dir
-        if recipe.architecture == "block" and is_block_transformer(source):
+        if recipe.architecture == "block" and is_block_folder(source):
             model = BlockTransformerForCausalLM(AutoConfig.from_pretrained(source, trust_remote_code=True)).float()
         else:
             config = load_config(resolve(source))
@@ -202,16 +204,16 @@ class Trainer:
         return model, source
 
     def load(self):
+        from .architectures import is_block_folder
         from .data import TokenData, check_tokenizer, load_manifest
-        from .inference import is_block_transformer
         from .sources import load_tokenizer, resolve
 
         recipe = self.recipe
         manifest = load_manifest(recipe.data)  # fail on bad data and shapes before the slow conversion
-        if recipe.architecture == "block" and not is_block_transformer(recipe.source):
+        if recipe.architecture == "block" and not is_block_folder(recipe.source):
             self.check_block_length(recipe.convert.block_length)
         model, self.model_dir = self.build_model()
-        self.tokenizer = load_tokenizer(resolve(self.model_dir), trust_remote_code=is_block_transformer(self.model_dir))
+        self.tokenizer = load_tokenizer(resolve(self.model_dir), trust_remote_code=is_block_folder(self.model_dir))
         if self.tokenizer is None:
             raise UserError(f"{self.model_dir} has no tokenizer")
         block_length = model.config.block_length if is_block_model(model) else 1
@@ -287,15 +289,14 @@ class Trainer:
         """The frozen teacher, float32 on the CPU. Default: the vanilla source, which is the recipe's `source`
         unless that is a converted folder; then its conversion record names the source, found again only
         when it is a hub id (records name a local source without its path)."""
-        from .inference import is_block_transformer
+        from .architectures import is_block_folder
         from .sources import load_model, resolve
 
         spec = self.recipe.distill.teacher
-        if spec is None and not is_block_transformer(self.recipe.source):
+        if spec is None and not is_block_folder(self.recipe.source):
             spec = self.recipe.source
         if spec is None:
-            record_path = Path(self.recipe.source) / "conversion.json"
-            record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            record = read_json(Path(self.recipe.source) / CONVERSION) or {}
             if "hub_id" not in record.get("source_fingerprint", {}):
                 named = f" ({record['source']})" if record.get("source") else ""
                 raise UserError(f"distillation needs its teacher: {self.recipe.source} was converted from a local "
@@ -482,22 +483,22 @@ class Trainer:
             state = {name: tensor for name, tensor in state.items() if name not in tied}
             with staged_folder(out, overwrite=True) as folder:
                 if is_block_model(model):
-                    records = {"training.json": facts}
-                    conversion = Path(self.model_dir) / "conversion.json"
-                    if conversion.is_file() and not self.recipe.from_scratch:
-                        records["conversion.json"] = json.loads(conversion.read_text())
+                    records = {TRAINING: facts}
+                    conversion = read_json(Path(self.model_dir) / CONVERSION)
+                    if conversion is not None and not self.recipe.from_scratch:
+                        records[CONVERSION] = conversion
                     names, tensors = saved_tensors(model, state)
                     write_model_folder(
                         folder, model.config, tensors, total=len(names), tokenizer=self.tokenizer,
                         generation_config=getattr(model, "generation_config", None),
-                        card=model_card(model.config.to_dict(), records.get("conversion.json"), training=facts,
+                        card=model_card(model.config.to_dict(), records.get(CONVERSION), training=facts,
                                         recipe=public_recipe(self.recipe)),
                         records=records,
                     )
                 else:
                     model.save_pretrained(folder, state_dict=state)
                     self.tokenizer.save_pretrained(folder)
-                    (folder / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
+                    write_json(folder / TRAINING, facts)
                 (folder / "recipe.yaml").write_text(dump_recipe(self.recipe, public=True))
         self.accelerator.wait_for_everyone()
         return out

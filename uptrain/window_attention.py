@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objective import is_block_model
+from .architectures import is_block_model
 
 WINDOW_ATTENTION = "block_window"
 

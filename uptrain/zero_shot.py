@@ -185,13 +185,3 @@ def task_records(results: dict[str, dict[str, dict]], settings: dict) -> dict[st
         records[task]["settings"] = {**settings, "split": TASKS[task].split, "dataset": TASKS[task].dataset}
     return records
 
-
-def merge_eval_results(existing: dict, new: dict) -> dict:
-    """eval_results.json after a run: the run's perplexity results (top-level model/baseline/settings) replace
-    the old ones when it has any, its task results replace those of the same tasks; everything else stays."""
-    perplexity = new if "model" in new else existing
-    merged = {key: value for key, value in perplexity.items() if key != "zero_shot"}
-    tasks = {**existing.get("zero_shot", {}), **new.get("zero_shot", {})}
-    if tasks:
-        merged["zero_shot"] = tasks
-    return merged
