@@ -123,7 +123,7 @@ def layer_list_name(base_model: nn.Module) -> str:
 
 
 def final_norm(base_model: nn.Module) -> nn.Module:
-    """A base model's final norm (the block decoder drops it: its output is a residual-stream state)."""
+    """A base model's final norm (the block decoder keeps it only with `block_decoder_norm` in its config)."""
     return getattr(base_model, final_norm_name(base_model))
 
 

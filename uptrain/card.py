@@ -77,9 +77,24 @@ def _conversion_table(config: dict, conversion: dict) -> str:
         ("weights dtype", config.get("torch_dtype") or config.get("dtype") or options.get("dtype", "unknown")),
         ("block decoder layers (source indices)", layers.get("block_decoder")),
         ("token decoder layers (source indices)", layers.get("token_decoder")),
+        *_option_rows(options, conversion.get("sink_token")),
         ("converted", conversion.get("created", "unknown")),
     ]
     return "## Conversion\n\n" + _table(rows)
+
+
+def _option_rows(options: dict, sink_token: dict | None) -> list[tuple]:
+    """Rows for the conversion options that keep more of the source's function, where they are on."""
+    rows = []
+    if options.get("token_input_layers"):
+        rows.append(("token decoder input layers", f"copies of the source's first {options['token_input_layers']}"))
+    if options.get("sink", "none") != "none":
+        sink_token = sink_token or {}
+        token = str(sink_token.get("text") or sink_token.get("id")).replace("|", "\\|")  # "|" would end the cell
+        rows.append(("attention sink", f"prefix slot 0, the source's state of `{token}` at position 0"))
+    if options.get("block_norm", "none") != "none":
+        rows.append(("block decoder final norm", options["block_norm"]))
+    return rows
 
 
 def _training_section(training: dict | None, recipe: dict | None) -> str:

@@ -28,6 +28,9 @@ class BlockTransformerConfig(PretrainedConfig):
         source_layers: which source layers each decoder was initialised from, for the record.
         embedding_stage: what the token decoder's base model does to `inputs_embeds` before its first
             layer (`scale`, `position_embedding` module name), so the prefix can bypass it.
+        block_decoder_norm: whether the block decoder ends with its own final norm (as the paper's reference
+            code does). Off by default, and in configs written before it existed: the block decoder's output
+            is then a residual-stream state, like the source's state after the same layers.
     """
 
     model_type = "block_transformer"
@@ -42,6 +45,7 @@ class BlockTransformerConfig(PretrainedConfig):
         prefix_length: int = 2,
         source_layers: dict | None = None,
         embedding_stage: dict | None = None,
+        block_decoder_norm: bool = False,
         **kwargs,
     ):
         self.block_decoder = _as_config(block_decoder)
@@ -50,6 +54,7 @@ class BlockTransformerConfig(PretrainedConfig):
         self.prefix_length = prefix_length
         self.source_layers = source_layers or {}
         self.embedding_stage = embedding_stage or {}
+        self.block_decoder_norm = block_decoder_norm
         if self.token_decoder is not None:
             # Tools that read these from the top-level config (generation, lm-eval) find them here.
             for key in ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id", "pad_token_id"):

@@ -26,8 +26,8 @@ from transformers.modeling_outputs import CausalLMOutput
 from .configuration_block_transformer import BlockTransformerConfig
 from .generation_block_transformer import BlockGenerationMixin
 
-# Attribute names of the final norm in transformers' base models; the block decoder drops it, since its
-# output is a residual-stream state that enters the token decoder.
+# Attribute names of the final norm in transformers' base models. The block decoder drops it unless its
+# config says `block_decoder_norm`: its output is then a residual-stream state that enters the token decoder.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
@@ -81,7 +81,8 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
         super().__init__(config)
         dim = config.block_decoder.hidden_size
         self.block_decoder = AutoModel.from_config(config.block_decoder)
-        setattr(self.block_decoder, final_norm_name(self.block_decoder), nn.Identity())
+        if not config.block_decoder_norm:
+            setattr(self.block_decoder, final_norm_name(self.block_decoder), nn.Identity())
         self.token_decoder = AutoModelForCausalLM.from_config(config.token_decoder)
         self.embedder_projection = nn.Linear(config.block_length * dim, dim)
         self.expansion = nn.Linear(dim, config.prefix_length * dim)
