@@ -33,7 +33,7 @@ def saved_tensors(folder):
     tensors = {}
     for path in folder.glob("*.safetensors"):
         with safe_open(str(path), "pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle})
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
     return tensors
 
 
