@@ -30,10 +30,11 @@ which transformers hands to the attention function of every layer (`run_with_pla
 each layer's new keys and values after the family's own projections, rotary embedding and norms, writes
 them into the static buffers at the plan's slots, and attends over the buffers with plain batched matmuls
 (grouped-query heads without repeating keys). A prefill writes the buffers the same way but delegates the
-attention to the decoder's own implementation, so that it is numerically the eager path's. Only
-`AttentionInterface` and the attention-function signature are relied on, which transformers 5.17 and 5.24
-share; transformers' StaticCache is not used because its update signature changed between those releases
-and its masks are built by transformers on every call.
+attention to the decoder's own implementation, so that it is numerically the eager path's. Relied on:
+`AttentionInterface`, the attention-function signature, and that a decoder hands its call's extra keyword
+arguments to every layer's attention function, which transformers 5.17 and later share (a layer that does
+not is detected: `Unsupported`); transformers' StaticCache is not used because its update signature changed
+between those releases and its masks are built by transformers on every call.
 
 Rows join and leave: every piece of a static engine's state is per row -- each row's cache write slot,
 valid slots, position, given tokens, produced count, EOS flag -- and a step moves a row on only while it is
@@ -65,7 +66,6 @@ from transformers.masking_utils import AttentionMaskInterface
 
 ENGINES = ("auto", "fast", "eager")
 STATIC_ATTENTION = "static_kv"  # decoding steps: attention over the static buffers, no mask built
-PLAN_ARGUMENT = "kv_plan"  # the decoder-call keyword argument that carries a `KVPlan` to `static_attention`
 BUCKET = 32  # a decoding step attends over the first k * BUCKET cache slots; one captured graph per k
 
 
@@ -270,7 +270,7 @@ def run_with_plan(decoder: torch.nn.Module, plan: KVPlan, **inputs):
         raise RuntimeError("nested static-cache decoder calls")
     config._attn_implementation = plan.implementation
     try:
-        output = decoder(**inputs, use_cache=False, **{PLAN_ARGUMENT: plan})
+        output = decoder(**inputs, use_cache=False, kv_plan=plan)  # transformers hands kv_plan to every layer's attention
     finally:
         config._attn_implementation = original
     layers = config.num_hidden_layers
@@ -493,9 +493,10 @@ class StaticEngine:
     """Static buffers for one `EngineShape` and the step functions over them (see the module docstring).
 
     The base holds what every engine shares: the generated tokens and per-row counters, the step table
-    (`StepGraphs`) with its capture, the round loop that watches the EOS flag, `close()`, and `generate`,
-    which checks a call's settings, reuses the model's engine when its shape and rules fit, falls back to
-    uncaptured steps when a capture fails and discards the engine on an error. A subclass allocates its own
+    (`StepGraphs`) with its capture, the round loop that watches the EOS flag, `close()`, and the generate
+    wrapper (`generate`, `new_tokens`, `open`): it checks a call's settings, reuses the model's engine when
+    its shape and rules fit, falls back to uncaptured steps when a capture fails and discards the engine on
+    an error. A subclass allocates its own
     buffers and adds its steps in `__init__` (then calls `self.graphs.capture()`), and defines `lay_out`
     (a request's prompt, with its `shape`), `prefill(prompt, rows)`, `advance(visible)` (one round of steps:
     a block, or a token) and `rounds(prompt)` (the visible length of each round that generates a prompt's
@@ -653,7 +654,7 @@ class StaticEngine:
         return token
 
     def settle(self):
-        """After a row's token: which rows are still live, and whether none is (`done`)."""
+        """After a round's tokens: which rows are still live, and whether none is (`done`)."""
         torch.logical_and(~self.finished, self.produced < self.rules.max_new, out=self.live)
         self.done.copy_(~self.live.any())
 
