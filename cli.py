@@ -240,8 +240,9 @@ def bench(
     device: Annotated[str, typer.Option(help="auto (cuda when there is a GPU, else cpu), cuda, cuda:1, cpu, ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
     output: Annotated[Path | None, typer.Option(help="JSON report path; the plot goes beside it as .png (default: bench-SCENARIO.json).")] = None,
-    engine: Annotated[str, typer.Option(help="fast (static caches + CUDA graphs; on CPU without graphs), compiled (fast, its steps torch.compiled first), eager (no static caches or graphs: a block model's eager engine, transformers' generate for a vanilla model) or hf (model.generate as users call it).")] = "fast",
+    engine: Annotated[str, typer.Option(help="fast (static caches + CUDA graphs; on CPU without graphs), eager (no static caches or graphs: a block model's eager engine, transformers' generate for a vanilla model) or hf (model.generate as users call it).")] = "fast",
     baseline_engine: Annotated[str | None, typer.Option(help="Engine of --baseline (default: --engine's); e.g. hf for transformers' generate.")] = None,
+    compile_steps: Annotated[bool, typer.Option("--compile", help="The fast engine's step functions through torch.compile before their capture (compiling takes minutes).")] = False,
 ):
     """Generation throughput (tokens/s), time per token and peak memory of MODEL and --baseline.
 
@@ -261,7 +262,7 @@ def bench(
     settings = BenchSettings(
         scenario=scenario, prompt_len=prompt_len, gen_len=gen_len, batch_sizes=parse_batch_sizes(batch_size),
         warmup=warmup, repeats=repeats, device=device, dtype=dtype, random_init=random_init,
-        max_batch_size=max_batch_size, engine=engine, baseline_engine=baseline_engine,
+        max_batch_size=max_batch_size, engine=engine, baseline_engine=baseline_engine, compile=compile_steps,
     )
     output = output or Path(f"bench-{scenario}.json")
     report = run_bench(model, baseline, settings, on_result=lambda partial: write_report(partial, output, plot=False))

@@ -23,8 +23,8 @@ float32 gap within --near-tie nats. The default, 0.5, is two bf16 spacings at lo
 models' top logits lie. A row that loops leaves float32 by nats in bf16 whichever engine runs it, so the
 verdict means something only on text that does not loop: run it on the identity conversion.
 
---tokens FILE.partial.json analyses tokens generated elsewhere (the GPU's runs, analysed here on the CPU): the
-teacher-forced passes need no GPU, and the eager bf16 decode of 2,048 tokens leaves the GPU call little time.
+--tokens FILE.partial.json analyses tokens generated elsewhere (a GPU's runs, analysed on a CPU): the
+teacher-forced passes need no GPU, and they would add to the eager bf16 decode of 2,048 tokens there.
 """
 
 import argparse
@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from uptrain.inference import load_for_inference
 

@@ -1,15 +1,15 @@
-"""Fast generation on a GPU (issue 13): token checks, then four engines' throughput -> JSON, PNG, kernel table.
+"""Fast generation on a GPU: token checks, then four engines' throughput -> JSON, PNG, kernel table.
 
-On the GPU machine, one command per part (each fits the 10-minute limit; results land in --out). The numbers
-and exact commands of the last measurement are in docs/benchmarks.md:
+On a GPU machine where block-uptrain is installed, one command per part (results land in --out; --budget-s
+bounds a part's time). The numbers and exact commands of the last measurement are in docs/benchmarks.md:
 
     python benchmarks/generation_fast.py --out $OUT --parts check
     python benchmarks/generation_fast.py --out $OUT --parts decode-heavy --budget-s 530
     python benchmarks/generation_fast.py --out $OUT --parts profile,prefill-heavy --profile-batch 4096
     python benchmarks/generation_fast.py --out $OUT --shape SmolLM2-360M --parts decode-heavy,prefill-heavy
 
-Part files are named SHAPE-PART.json (and SHAPE-profile-batchN.txt). Here, after fetching them into one
-folder, render them together (results.json with roofline estimates, one PNG per shape and scenario, summary):
+Part files are named SHAPE-PART.json (and SHAPE-profile-batchN.txt). With the part files of several runs in
+one folder, render them together (results.json with roofline estimates, one PNG per shape and scenario, summary):
 
     python benchmarks/generation_fast.py --render FOLDER
 
@@ -28,13 +28,13 @@ weights; converted here in float32). Every JSON records which.
   common. Real weights do not rescue the 99%: any two engines whose kernels sum in different orders flip
   near-ties (docs/benchmarks.md). benchmarks/bf16_agreement.py checks the sounder criterion on real weights
   (every bf16 divergence starts at a float32 near-tie).
-- decode-heavy (128 -> 2,048) and prefill-heavy (2,048 -> 128): `uptrain.bench.measure` (random prompts,
+- decode-heavy (128 -> 2,048) and prefill-heavy (2,048 -> 128): `uptrain.bench.sweep` (random prompts,
   exactly the new tokens a row, greedy; CUDA-event timing, median of the repeats, torch's peak memory) for
-  block fast, block eager, vanilla fast and vanilla hf (transformers' generate), each over its batch sizes
-  until memory runs short or the part's time budget would be exceeded (a run's time extrapolated from the
-  last two batch sizes). The fast engines warm up once (that
-  run builds the buffers and captures the graphs), then 2 timed runs; the eager ones, host-bound and slow,
-  run once with no warm-up (they follow the fast engines in the same process), unless --eager-warmup gives
+  block fast, block eager, vanilla fast and vanilla hf (transformers' generate), and "compiled" (the fast
+  engine with `--compile`'s compiled steps) where a part names it, each over its batch sizes until memory
+  runs short or the part's time budget would be exceeded (a run's time extrapolated from the last two batch
+  sizes). The fast engines warm up once (that run builds the buffers and captures the graphs), then 2 timed
+  runs; the eager ones, host-bound and slow, run once with no warm-up (they follow the fast engines in the same process), unless --eager-warmup gives
   them a warm-up run too: their first run at a large batch can take twice a warmed one (docs/benchmarks.md).
 - profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
   --profile-batch: the kernel table sorted by device time (--profile-engine compiled: the compiled steps).
@@ -42,17 +42,12 @@ weights; converted here in float32). Every JSON records which.
 
 import argparse
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from uptrain.bench import BenchSettings, _release_engines, environment, measure
+from uptrain.bench import BenchSettings, environment, release_engines, sweep
 
 SMOLLM2 = {
     "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -210,13 +205,13 @@ class Run:
             report[f"block compiled {name}"] = compare(outputs["compiled"], outputs["eager"])
             self.log(f"block {name}: {report[f'block {name}']}; compiled: {report[f'block compiled {name}']}")
             self.write("check-partial.json", report)  # kept if the call's limit stops the part before its end
-        from uptrain.vanilla_engine import generate_static, release
+        from uptrain.vanilla_engine import generate_static
 
         vanilla = self.model("vanilla", torch.float32)
         short = dict(greedy, max_new_tokens=min(new, 256))
         expected = vanilla.generate(ids, attention_mask=mask, **short)[:, ids.shape[1]:]
         fast = generate_static(vanilla, ids, attention_mask=mask, **short)[:, ids.shape[1]:]
-        release(vanilla)
+        release_engines(vanilla)
         report["vanilla float32"] = compare(fast, expected)
         self.log(f"vanilla float32: {report['vanilla float32']}")
         report["passed"] = {
@@ -235,43 +230,28 @@ class Run:
         dtype = torch.float32 if self.args.smoke else torch.bfloat16
         results = {}
         name = "-".join([scenario, *kinds] + ([] if engines == DEFAULT_ENGINES else list(engines)))  # the part file
+        deadline = self.started + self.args.budget_s
         for kind, engine in ENGINES:
             if kind not in kinds or engine not in engines:
                 continue
-            sizes = [1, 4] if self.args.smoke else self.args.batches or GPU_BATCHES[(scenario, kind, engine)]
             fast = engine in ("fast", "compiled")
             settings = BenchSettings(
-                scenario="custom", prompt_len=prompt_len, gen_len=gen_len, batch_sizes=sizes,
+                scenario="custom", prompt_len=prompt_len, gen_len=gen_len,
+                batch_sizes=[1, 4] if self.args.smoke else self.args.batches or GPU_BATCHES[(scenario, kind, engine)],
                 warmup=1 if fast or self.args.eager_warmup else 0, repeats=2 if fast else 1, device=self.device,
-                dtype="float32" if self.args.smoke else "bfloat16", engine=engine,
+                dtype="float32" if self.args.smoke else "bfloat16", engine="fast" if fast else engine,
+                compile=engine == "compiled",
             )
             model = self.model(kind, dtype)
             label = f"{kind} {engine}"
-            results[label] = []
-            last = None
-            for size in sizes:
-                runs = settings.warmup + settings.repeats
-                if last is not None:
-                    # the warm-up's excess over a timed run (capture, compile) may recur at a new batch size
-                    setup = max(last.get("warmup_seconds") or [0]) - last["seconds"]
-                    predicted = predicted_seconds(results[label], size) * runs + max(30, setup)
-                    if self.elapsed() + predicted > self.args.budget_s:
-                        results[label].append({"batch_size": size, "skipped": f"predicted {predicted:.0f} s"})
-                        self.log(f"{scenario} {label} batch {size}: skipped (predicted {predicted:.0f} s)")
-                        break
-                try:
-                    last = measure_dict(model, settings, size, engine)
-                    results[label].append(last)
-                    warmup = f", warm-up {max(last['warmup_seconds']):.0f} s" if last.get("warmup_seconds") else ""
-                    self.log(f"{scenario} {label} batch {size}: {last['tokens_per_second']:,.0f} tok/s, "
-                             f"{(last['peak_memory_bytes'] or 0) / 2**30:.1f} GiB{warmup}")
-                except torch.OutOfMemoryError:
-                    results[label].append({"batch_size": size, "out_of_memory": True})
-                    self.log(f"{scenario} {label} batch {size}: out of memory")
-                    break
-                finally:
-                    _release_engines(model)
+            rows = results[label] = []
+
+            def measured(label=label, rows=rows):
+                self.log(f"{scenario} {label}: {describe(rows[-1])}")
                 self.write(f"{name}.json", self._scenario_payload(scenario, results))
+
+            sweep(model, settings, label, rows, on_result=measured, deadline=deadline)
+            release_engines(model)
         self.write(f"{name}.json", self._scenario_payload(scenario, results))
         return results
 
@@ -307,23 +287,13 @@ class Run:
         self.log(f"profile at batch {batch} written")
 
 
-def predicted_seconds(measured: list[dict], size: int) -> float:
-    """Seconds of one run at batch `size`, extrapolated from the last two measured sizes: time grows as
-    batch^a, with a from those two, kept between 0.5 and 1 (a run never gets cheaper with a larger batch,
-    and grows at most linearly once the GPU is full); linear when only one size was measured."""
-    points = [r for r in measured if "seconds" in r][-2:]
-    last = points[-1]
-    exponent = 1.0
-    if len(points) == 2 and points[0]["batch_size"] != last["batch_size"]:
-        ratio = math.log(last["seconds"] / points[0]["seconds"]) / math.log(last["batch_size"] / points[0]["batch_size"])
-        exponent = min(1.0, max(0.5, ratio))
-    return last["seconds"] * (size / last["batch_size"]) ** exponent
-
-
-def measure_dict(model, settings, size, engine) -> dict:
-    from dataclasses import asdict
-
-    return asdict(measure(model, settings, size, engine))
+def describe(result: dict) -> str:
+    """One line for the log: a measurement, or why a batch size has none."""
+    if "tokens_per_second" not in result:
+        return f"batch {result['batch_size']}: {'out of memory' if result.get('out_of_memory') else result.get('skipped')}"
+    warmup = f", warm-up {max(result['warmup_seconds']):.0f} s" if result.get("warmup_seconds") else ""
+    return (f"batch {result['batch_size']}: {result['tokens_per_second']:,.0f} tok/s, "
+            f"{(result['peak_memory_bytes'] or 0) / 2**30:.1f} GiB{warmup}")
 
 
 def synchronize(device: str):
@@ -400,7 +370,7 @@ def card_of(facts: dict) -> str:
 def render(folder: Path, merged_json: bool = True) -> str:
     """SHAPE-SCENARIO.png, summary.md and (merged_json) results.json from every part file in `folder`; returns
     the summary. Rows of one engine from several parts merge by batch size (a later file, by name, wins a tie).
-    A run renders its own parts without results.json: at most 8 files come back from a GPU call."""
+    A run renders its own parts without results.json, which merges the parts of every run."""
     merged = {"shapes": {}}
     for path in sorted(folder.glob("*.json")):
         if path.name == "results.json":
@@ -431,7 +401,7 @@ def render(folder: Path, merged_json: bool = True) -> str:
             lines += ["## Token checks", "", f"passed: {check['passed']}", ""]
             for key in ("block float32", "block bfloat16", "block compiled float32", "block compiled bfloat16",
                         "vanilla float32"):
-                if key not in check:  # parts measured before the compiled engine existed
+                if key not in check:
                     continue
                 lines.append(f"- {key}: identical {check[key]['identical']}, token agreement "
                              f"{check[key]['token_agreement']:.4f}, first divergence per row {check[key]['first_divergence']}")

@@ -46,7 +46,10 @@ def model(**kwargs):
     ids = torch.tensor([list(range(4, 30))])
     with torch.no_grad():
         logits = model(ids).logits
-    return {"module": type(model).__module__, "class": type(model).__name__, "logits": logits.tolist()}
+    generated = {engine: model.generate(ids, engine=engine, max_new_tokens=9, do_sample=False, eos_token_id=None)
+                 .tolist() for engine in ("eager", "fast")}
+    return {"module": type(model).__module__, "class": type(model).__name__, "logits": logits.tolist(),
+            "generated": generated}
 
 def tokenizer(**kwargs):
     return AutoTokenizer.from_pretrained(folder, **kwargs)(TEXT)["input_ids"]
@@ -111,6 +114,14 @@ def test_importing_uptrain_loads_without_trust_remote_code(children):
     torch.testing.assert_close(logits(loaded), logits(plain["model_trusted"]), rtol=0, atol=1e-6)
     # trust_remote_code=True still works beside the registration (transformers prefers the registered class)
     torch.testing.assert_close(logits(with_uptrain["model_trusted"]), logits(loaded), rtol=0, atol=0)
+
+
+def test_the_folders_own_code_generates_with_both_engines(children):
+    """Where uptrain is not imported, the folder's generation file runs both engines, with the installed
+    package's tokens."""
+    installed, own = children["uptrain"]["model"]["generated"], children["plain"]["model_trusted"]["generated"]
+    assert own["fast"] == own["eager"] == installed["eager"] == installed["fast"]
+    assert len(own["fast"][0]) == 26 + 9
 
 
 def test_without_uptrain_the_folder_still_needs_trust_remote_code(children):

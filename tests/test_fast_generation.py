@@ -1,14 +1,25 @@
 """The fast (static-cache) generation engines against their references, on CPU, where the same step functions
 run without CUDA graphs: the block model's fast engine against its eager engine, the vanilla static engine
-against transformers' `generate`, and the static buffers against caches built by teacher forcing."""
+against transformers' `generate`, the static buffers against caches built by teacher forcing, and rows that
+join a running batch against each prompt alone."""
 
 import pytest
 import torch
-from conftest import padded_positions
+from conftest import load_block_model, padded_positions
+from families import FAMILIES
 from transformers import DynamicCache
 
-from uptrain.generation_block_transformer import _ENGINES, _cache_argument, buckets
-from uptrain.vanilla_engine import generate_static
+from uptrain.generation_block_transformer import (
+    BlockEngine,
+    BlockPrompt,
+    EngineShape,
+    GenerationRequest,
+    Unsupported,
+    buckets,
+    cache_argument,
+    engine_of,
+)
+from uptrain.vanilla_engine import VanillaEngine, VanillaPrompt, generate_static
 
 BLOCK = 4
 ROWS = (3, 9, 5, 1, 4, 7)  # left-padded prompts: shorter than a block, whole blocks, partial blocks
@@ -36,7 +47,7 @@ def both(model, ids, mask, seed=None, **kwargs):
     return outputs
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])  # rotary+GQA, learned positions, sliding windows
+@pytest.mark.parametrize("family", FAMILIES)  # every family hands the plan to its attention function
 def test_fast_greedy_equals_eager_left_padded(family, model_of):
     model = model_of(family)
     ids, mask = left_padded(ROWS)
@@ -134,15 +145,87 @@ def test_engine_is_kept_for_the_same_shape_and_released(model_of):
     ids, mask = left_padded(ROWS)
     settings = {"max_new_tokens": 5, "do_sample": False, "eos_token_id": None}
     first = model.generate(ids, attention_mask=mask, engine="fast", **settings)
-    engine = _ENGINES[model]
+    engine = engine_of(model)
     assert torch.equal(model.generate(ids, attention_mask=mask, engine="fast", **settings), first)
-    assert _ENGINES[model] is engine  # reused: buffers reset, not reallocated
+    assert engine_of(model) is engine  # reused: buffers reset, not reallocated
     model.generate(ids[:2], attention_mask=mask[:2], engine="fast", **settings)
-    assert _ENGINES[model] is not engine
+    assert engine_of(model) is not engine
     model.release_generation_engine()
-    assert model not in _ENGINES
+    assert engine_of(model) is None
     with pytest.raises(ValueError, match="engine must be one of"):
         model.generate(ids, engine="turbo")
+
+
+def test_a_layer_outside_the_attention_interface_is_detected(converted):
+    """The fast engine refuses a decoder whose layers do not all write their keys and values where the plan says:
+    a layer with its own attention implementation, or one that drops the decoder's keyword arguments. The
+    engine is discarded and the model left as it was (the eager engine still gives its tokens)."""
+    model = load_block_model(converted("llama"))
+    ids, mask = left_padded((5, 7), seed=3)
+    settings = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None}
+    expected = model.generate(ids, attention_mask=mask, engine="eager", **settings)
+    attention = model.token_decoder.model.layers[1].self_attn
+    config, forward = attention.config, attention.forward
+    attention.config = type(config).from_dict(config.to_dict())  # its own config: the switch does not reach it
+    with pytest.raises(Unsupported, match="1 of 2 layers went through the attention interface"):
+        model.generate(ids, attention_mask=mask, engine="fast", **settings)
+    assert engine_of(model) is None
+    attention.config = config
+    attention.forward = lambda *args, kv_plan=None, **kwargs: forward(*args, **kwargs)
+    with pytest.raises(Unsupported, match="does not hand the decoder's keyword arguments to its attention"):
+        model.generate(ids, attention_mask=mask, engine="fast", **settings)
+    del attention.forward
+    assert model.token_decoder.config._attn_implementation == model.config.token_decoder._attn_implementation
+    assert torch.equal(model.generate(ids, attention_mask=mask, engine="eager", **settings), expected)
+    assert torch.equal(model.generate(ids, attention_mask=mask, engine="fast", **settings), expected)
+
+
+def test_rows_join_a_running_block_batch_and_get_their_tokens_alone(model_of):
+    """Serving's primitive: a prompt prefilled into a free row of a running engine, between two blocks, generates
+    what it generates alone; the row that started first is not disturbed, and stops moving once done. Sliding
+    windows (gemma3_text's 6 slots) count each row's own slots."""
+    model = model_of("gemma3_text")
+    first, second = torch.randint(4, 128, (1, 22), generator=torch.Generator().manual_seed(1)), torch.randint(
+        4, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    new = 17
+    settings = {"max_new_tokens": new, "do_sample": False, "eos_token_id": None}
+    alone = [model.generate(ids, engine="eager", **settings)[0, ids.shape[1]:] for ids in (first, second)]
+    rules = GenerationRequest.of(model, first, kwargs=settings).rules
+    slots = 32
+    with BlockEngine.open(model, EngineShape(batch=3, slots=slots, visible=(slots,)), rules) as engine:
+        assert bool(engine.done)  # a new engine's rows hold no prompt
+        engine.prefill(BlockPrompt.lay_out(first, torch.ones_like(first), BLOCK, new), rows=torch.tensor([2]))
+        for _ in range(3):
+            engine.advance(slots)
+        engine.prefill(BlockPrompt.lay_out(second, torch.ones_like(second), BLOCK, new), rows=torch.tensor([0]))
+        rounds = 0
+        while not bool(engine.done):
+            engine.advance(slots)
+            rounds += 1
+        assert rounds == -(-(new + 1) // BLOCK)  # the second prompt's blocks: its partial one, then the new tokens
+        assert torch.equal(engine.tokens[2], alone[0]) and torch.equal(engine.tokens[0], alone[1])
+        assert engine.write_slot.tolist() == [2 + rounds - 1, 0, 5 + -(-(new + 2) // BLOCK) - 1]  # row 1 never started
+
+
+def test_rows_join_a_running_vanilla_batch_and_get_their_tokens_alone(tiny_source):
+    _, model = tiny_source("qwen2")
+    first, second = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(1)), torch.randint(
+        4, 128, (1, 8), generator=torch.Generator().manual_seed(2))
+    new = 10
+    settings = {"max_new_tokens": new, "do_sample": False, "eos_token_id": None, "pad_token_id": 3}
+    alone = [model.generate(ids, **settings)[0, ids.shape[1]:] for ids in (first, second)]
+    rules = GenerationRequest.of(model, first, kwargs=settings).rules
+    slots = 32
+    with VanillaEngine.open(model, EngineShape(batch=2, slots=slots, visible=(slots,)), rules) as engine:
+        engine.prefill(VanillaPrompt(first, torch.ones_like(first), new), rows=torch.tensor([1]))
+        for _ in range(4):
+            engine.advance(slots)
+        engine.prefill(VanillaPrompt(second, torch.ones_like(second), new), rows=torch.tensor([0]))
+        for _ in range(new - 1):
+            engine.advance(slots)
+        assert bool(engine.done)
+        assert torch.equal(engine.tokens[1], alone[0]) and torch.equal(engine.tokens[0], alone[1])
+        assert engine.write_slot.tolist() == [8 + new - 2, 5 + new - 2]  # done rows stop at their last token's slot
 
 
 def test_static_buffers_hold_what_teacher_forcing_caches(model_of):
@@ -155,10 +238,10 @@ def test_static_buffers_hold_what_teacher_forcing_caches(model_of):
     ids, mask = left_padded(lengths, seed=4)
     width, new = ids.shape[1], 12
     output = model.generate(ids, attention_mask=mask, engine="fast", max_new_tokens=new, do_sample=False, eos_token_id=None)
-    engine = _ENGINES[model]
-    prompt = model._lay_out_prompt(ids, mask, new)
+    engine = engine_of(model)
+    prompt = BlockPrompt.lay_out(ids, mask, BLOCK, new)
     slots = prompt.blocks + prompt.steps - 1
-    assert engine.slots == slots and int(engine.write_slot) == slots
+    assert engine.shape.slots == slots and (engine.write_slot == slots).all()
     assert torch.equal(engine.block_position[:, 0], prompt.whole + prompt.steps - 1)
     valid = torch.cat([prompt.block_mask.bool(), torch.ones(3, prompt.steps - 1, dtype=torch.bool)], dim=1)  # (B, S)
     assert torch.equal(engine.key_valid, valid)
@@ -170,7 +253,7 @@ def test_static_buffers_hold_what_teacher_forcing_caches(model_of):
     with torch.no_grad():
         hidden = model.block_decoder(
             inputs_embeds=model.embed_blocks(laid[:, : slots * BLOCK]), attention_mask=valid.long(),
-            position_ids=padded_positions(valid.long()), use_cache=True, **{_cache_argument(model.block_decoder): cache},
+            position_ids=padded_positions(valid.long()), use_cache=True, **{cache_argument(model.block_decoder): cache},
         ).last_hidden_state
     spread = valid[:, None, :, None]
     for layer in range(model.config.block_decoder.num_hidden_layers):
@@ -184,7 +267,7 @@ def test_static_buffers_hold_what_teacher_forcing_caches(model_of):
     cache = DynamicCache(config=model.config.token_decoder)
     with torch.no_grad():
         model.token_decoder.base_model(inputs_embeds=window, position_ids=model.window_position_ids("cpu")[None].expand(3, -1),
-                                       use_cache=True, **{_cache_argument(model.token_decoder): cache})
+                                       use_cache=True, **{cache_argument(model.token_decoder): cache})
     for layer in range(model.config.token_decoder.num_hidden_layers):
         assert torch.allclose(engine.token_kv.keys[layer], cache.layers[layer].keys, atol=1e-5)
         assert torch.allclose(engine.token_kv.values[layer], cache.layers[layer].values, atol=1e-5)
@@ -196,7 +279,7 @@ def test_buckets():
     assert buckets(first=3, count=0, total=3) == []
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_vanilla_static_engine_equals_transformers_greedy(family, tiny_source):
     _, model = tiny_source(family)
     ids, mask = left_padded(ROWS, seed=10)
@@ -243,7 +326,7 @@ def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_so
     counters.clear()
     model = model_of("llama")
     ids, mask = left_padded(ROWS, seed=7)
-    settings = dict(max_new_tokens=13, do_sample=False, eos_token_id=[int(ids[0, -1]), 127], pad_token_id=0)
+    settings = {"max_new_tokens": 13, "do_sample": False, "eos_token_id": [int(ids[0, -1]), 127], "pad_token_id": 0}
     expected = model.generate(ids, attention_mask=mask, engine="fast", **settings)
     compiled = model.generate(ids, attention_mask=mask, engine="fast", compile_steps=True, **settings)
     assert torch.equal(compiled, expected)

@@ -1,21 +1,30 @@
 """benchmarks/generation_fast.py's arithmetic: the roofline against a closed form (a vanilla decode at a huge
 batch is bound by reading the KV cache, so its time per row is the sum over steps of cache bytes over
-bandwidth), the run-time extrapolation that decides which batch sizes fit the time budget, the merging of
-part files; and the token-agreement logic of both GPU checks (generation_fast's and bf16_agreement's, with the
-latter's verdict)."""
+bandwidth), the merging of part files; and the token-agreement logic of both GPU checks (generation_fast's
+and bf16_agreement's, with the latter's verdict). The scripts are imported as the tools they are."""
 
+import importlib.util
 import json
-import math
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-import torch  # noqa: E402
-from bf16_agreement import first_divergences, gaps_at, verdict  # noqa: E402
-from generation_fast import CARDS, SHAPES, compare, predicted_seconds, render, roofline  # noqa: E402
+
+def tool(name: str):
+    """benchmarks/NAME.py as a module (the folder is not a package: its scripts run as files)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bf16_agreement, generation_fast = tool("bf16_agreement"), tool("generation_fast")
+first_divergences, gaps_at, verdict = bf16_agreement.first_divergences, bf16_agreement.gaps_at, bf16_agreement.verdict
+CARDS, SHAPES, compare = generation_fast.CARDS, generation_fast.SHAPES, generation_fast.compare
+render, roofline = generation_fast.render, generation_fast.roofline
 
 
 def test_vanilla_decode_at_huge_batch_is_the_kv_cache_bandwidth_bound():
@@ -33,17 +42,6 @@ def test_block_bound_exceeds_vanilla_and_unknown_cards_have_none():
     for prompt, new in ((128, 2048), (2048, 128)):
         assert roofline(config, "block", prompt, new, 4096, "H100") > 4 * roofline(config, "vanilla", prompt, new, 4096, "H100")
     assert roofline(config, "block", 128, 2048, 4096, "unknown card") is None
-
-
-def test_run_time_extrapolates_from_the_last_two_batches_between_square_root_and_linear():
-    host_bound = [{"batch_size": 64, "seconds": 10.0}, {"batch_size": 256, "seconds": 10.5}]
-    assert predicted_seconds(host_bound, 1024) == pytest.approx(21.0)  # exponent clamped up to 0.5
-    full = [{"batch_size": 1024, "seconds": 10.0}, {"batch_size": 4096, "seconds": 80.0}]
-    assert predicted_seconds(full, 8192) == pytest.approx(160.0)  # exponent clamped down to 1
-    between = [{"batch_size": 100, "seconds": 4.0}, {"batch_size": 400, "seconds": 12.0}]
-    exponent = math.log(3) / math.log(4)
-    assert predicted_seconds(between, 1600) == pytest.approx(12.0 * 4**exponent)
-    assert predicted_seconds(between[:1] + [{"batch_size": 200, "out_of_memory": True}], 400) == pytest.approx(16.0)
 
 
 def test_render_merges_one_engines_rows_from_several_calls_by_batch(tmp_path):
@@ -93,7 +91,7 @@ def test_verdict_passes_near_ties_and_fails_float32_differences_and_large_bf16_g
     assert verdict(_agreement_report([None, None], [0.2, None], [-0.4, 0.01]), near_tie=0.5) == \
         {"passed": True, "near_tie": 0.5, "failures": []}
     large = verdict(_agreement_report([None, None], [0.2, None], [-0.6, 0.01]), near_tie=0.5)  # the sign does not excuse
-    assert not large["passed"] and large["failures"] == ["compiled against eager, bfloat16: row 0 parts at token 7 with a "
-                                                          "float32 gap of -0.600 nats"]
+    assert not large["passed"] and large["failures"] == [
+        "compiled against eager, bfloat16: row 0 parts at token 7 with a float32 gap of -0.600 nats"]
     float32 = verdict(_agreement_report([None, 3], [None, None], [None, None]), near_tie=0.5)
     assert float32["failures"] == ["float32 fast against float32 eager: row 1 differs from token 3 on"]

@@ -7,10 +7,10 @@ run is a warm-up's job (the default `warmup` of 1 does it).
 
 Engines (`--engine`, and `--baseline-engine`, by default the same):
 - fast: static caches, one CUDA graph a step (on CPU the same step functions, uncaptured). A block model's
-  `generate(engine="fast")`; for a vanilla model `uptrain.vanilla_engine`, the same machinery and kernels,
-  so that the ratio measures the architecture.
-- compiled: the fast engine with each step function `torch.compile`d before its capture (both models;
-  compiling takes a minute or more per model, in the warm-up run).
+  `generate(engine="fast")`; for a vanilla model `uptrain.vanilla_engine`, the same engine skeleton and
+  kernels, so that the ratio measures the architecture. `--compile` puts each step function through
+  `torch.compile` before its capture (compiling takes a minute or more per model and batch size, in the
+  warm-up run).
 - eager: no static caches, no graphs: a block model's eager engine; transformers' `generate` for a vanilla one.
 - hf: `model.generate()` as a user calls it: transformers' for a vanilla model, a block model's default
   engine (fast on CUDA, eager on CPU).
@@ -37,7 +37,7 @@ from .inference import load_for_inference
 from .sources import DTYPES, load_config, resolve
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}  # (prompt_len, gen_len), the paper's
-ENGINES = ("fast", "compiled", "eager", "hf")
+ENGINES = ("fast", "eager", "hf")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class BenchSettings:
     seed: int = 0
     engine: str = "fast"
     baseline_engine: str | None = None  # None: the same as `engine`
+    compile: bool = False  # the fast engine's steps through torch.compile
 
     def __post_init__(self):
         if self.scenario in SCENARIOS:
@@ -77,6 +78,8 @@ class BenchSettings:
         for engine in (self.engine, self.baseline_engine):
             if engine not in ENGINES:
                 raise UserError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
+        if self.compile and "fast" not in (self.engine, self.baseline_engine):
+            raise UserError("--compile compiles the fast engine's steps: use it with --engine fast or --baseline-engine fast")
 
 
 @dataclass
@@ -122,17 +125,17 @@ def build_model(spec: str, settings: BenchSettings):
     return model.eval()
 
 
-def generate_function(model, engine: str) -> Callable:
-    """`generate(prompts, **arguments)` of `model` with `engine` (see the module docstring)."""
-    compiled = engine == "compiled"
+def generate_function(model, engine: str, compile_steps: bool = False) -> Callable:
+    """`generate(prompts, **arguments)` of `model` with `engine` (see the module docstring); `compile_steps`
+    applies to the fast engine."""
     if is_block_model(model):
         if engine == "hf":
             return model.generate
-        return functools.partial(model.generate, engine="fast" if compiled else engine, compile_steps=compiled)
-    if engine in ("fast", "compiled"):
+        return functools.partial(model.generate, engine=engine, compile_steps=compile_steps and engine == "fast")
+    if engine == "fast":
         from .vanilla_engine import generate_static
 
-        return functools.partial(generate_static, model, compile_steps=compiled)
+        return functools.partial(generate_static, model, compile_steps=compile_steps)
     return model.generate
 
 
@@ -142,12 +145,10 @@ def measure(model, settings: BenchSettings, batch_size: int, engine: str | None 
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(settings.seed)
     prompts = torch.randint(0, vocab, (batch_size, settings.prompt_len), generator=generator).to(device)
-    arguments = dict(
-        attention_mask=torch.ones_like(prompts), max_new_tokens=settings.gen_len, min_new_tokens=settings.gen_len,
-        do_sample=False, pad_token_id=0,
-    )
+    arguments = {"attention_mask": torch.ones_like(prompts), "max_new_tokens": settings.gen_len,
+                 "min_new_tokens": settings.gen_len, "do_sample": False, "pad_token_id": 0}
 
-    generate = generate_function(model, engine or settings.engine)
+    generate = generate_function(model, engine or settings.engine, settings.compile)
 
     def run():
         output = generate(prompts, **arguments)
@@ -175,21 +176,26 @@ def measure(model, settings: BenchSettings, batch_size: int, engine: str | None 
 
 
 def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_result: Callable = lambda: None,
-          engine: str | None = None) -> None:
+          engine: str | None = None, deadline: float | None = None) -> None:
     """Measure every requested batch size, or (auto) 1, 4, 16, ... until the next would not fit, then the
     largest power of two between; append each result to `results` as it comes. An out-of-memory error ends
-    the search and is recorded, not raised."""
+    the search and is recorded, not raised. `deadline` (a `time.perf_counter()` value): a batch size whose
+    runs are predicted to end later is recorded as skipped and ends the search."""
     def record(size: int) -> dict:
-        results.append(_measure_or_oom(model, settings, size, engine))
+        late = _past_deadline(results, size, settings, deadline)
+        results.append({"batch_size": size, "skipped": late} if late else _measure_or_oom(model, settings, size, engine))
         bar.update()
         bar.set_postfix(batch=size, tok_s=f"{results[-1].get('tokens_per_second', 0):,.0f}")
         on_result()
         return results[-1]
 
+    def ends(result: dict) -> bool:
+        return bool(result.get("out_of_memory") or result.get("skipped"))
+
     if settings.batch_sizes is not None:
         bar = tqdm(total=len(settings.batch_sizes), desc=f"bench {label}", unit="batch size")
         for size in settings.batch_sizes:
-            if record(size).get("out_of_memory"):
+            if ends(record(size)):
                 break
         bar.close()
         return
@@ -198,9 +204,10 @@ def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_re
     size, factor = 1, 4
     bar = tqdm(desc=f"bench {label} (auto batch)", unit="batch size")
     while size <= settings.max_batch_size:
-        if record(size).get("out_of_memory"):
+        if ends(record(size)):
             break
-        grow = _largest_fitting(results[-1], size, factor, budget, _resident(device), settings.max_batch_size)
+        grow = next_batch_size(results[-1].get("peak_memory_bytes"), size, factor, budget, _resident(device),
+                               settings.max_batch_size)
         if grow is None:
             break
         if grow < size * factor:  # the last step: the largest power of two that fits, then stop
@@ -210,10 +217,10 @@ def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_re
     bar.close()
 
 
-def _largest_fitting(result: dict, size: int, factor: int, budget: float, resident: int, max_size: int) -> int | None:
-    """The next batch size to try: size * factor if it is predicted to fit, else the largest power of two
-    above `size` that is; None when none is. Memory beyond the weights grows linearly with the batch."""
-    peak = result.get("peak_memory_bytes")
+def next_batch_size(peak: int | None, size: int, factor: int, budget: float, resident: int, max_size: int) -> int | None:
+    """The auto search's next batch size after `size`, whose run peaked at `peak` bytes (None: unknown): size *
+    factor if it is predicted to fit `budget`, else the largest power of two above `size` that is; None when
+    none is. Memory beyond the `resident` weights grows linearly with the batch."""
     limit = max_size
     if peak is not None and math.isfinite(budget):
         per_row = max(peak - resident, 1) / size
@@ -224,22 +231,51 @@ def _largest_fitting(result: dict, size: int, factor: int, budget: float, reside
     return candidate if candidate > size else None
 
 
+def predicted_seconds(measured: list[dict], size: int) -> float:
+    """Seconds of one run at batch `size`, extrapolated from the last two measured sizes: time grows as
+    batch^a, with a from those two, kept between 0.5 and 1 (a run never gets cheaper with a larger batch,
+    and grows at most linearly once the device is full); linear when only one size was measured."""
+    points = [r for r in measured if "seconds" in r][-2:]
+    last = points[-1]
+    exponent = 1.0
+    if len(points) == 2 and points[0]["batch_size"] != last["batch_size"]:
+        ratio = math.log(last["seconds"] / points[0]["seconds"]) / math.log(last["batch_size"] / points[0]["batch_size"])
+        exponent = min(1.0, max(0.5, ratio))
+    return last["seconds"] * (size / last["batch_size"]) ** exponent
+
+
+SETUP_MARGIN_S = 30  # at least this much time for a new batch size's buffers, capture and compile
+
+
+def _past_deadline(results: list[dict], size: int, settings: BenchSettings, deadline: float | None) -> str | None:
+    """Why `size` is skipped (its warm-up and repeats predicted to end after `deadline`), or None."""
+    if deadline is None or not any("seconds" in r for r in results):
+        return None
+    last = [r for r in results if "seconds" in r][-1]
+    setup = max(last.get("warmup_seconds") or [0]) - last["seconds"]  # a warm-up's excess: capture, compile
+    predicted = predicted_seconds(results, size) * (settings.warmup + settings.repeats) + max(SETUP_MARGIN_S, setup)
+    if time.perf_counter() + predicted <= deadline:
+        return None
+    return f"predicted {predicted:.0f} s"
+
+
 def _measure_or_oom(model, settings: BenchSettings, size: int, engine: str | None = None) -> dict:
     try:
         return asdict(measure(model, settings, size, engine))
     except torch.OutOfMemoryError:
         return {"batch_size": size, "out_of_memory": True}
     finally:  # the next size's prediction counts what stays allocated as the weights
-        _release_engines(model)
+        release_engines(model)
 
 
-def _release_engines(model) -> None:
-    """Drop the fast engines' buffers and graphs kept for `model` (before the next batch size or model)."""
-    if hasattr(model, "release_generation_engine"):
+def release_engines(model) -> None:
+    """Drop the fast engine's buffers and graphs kept for `model` (before the next batch size or model)."""
+    if hasattr(model, "release_generation_engine"):  # a block model, whose engine lives in its own module
         model.release_generation_engine()
-    from .vanilla_engine import release
+    else:
+        from .generation_block_transformer import release_engine
 
-    release(model)
+        release_engine(model)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -324,7 +360,7 @@ def environment(device: str) -> dict:
 def speedups(model_results: list[dict], baseline_results: list[dict]) -> dict:
     """Throughput ratios: at each batch size both ran, and best against best (each at its own batch size)."""
     def ok(results):
-        return {r["batch_size"]: r["tokens_per_second"] for r in results if not r.get("out_of_memory")}
+        return {r["batch_size"]: r["tokens_per_second"] for r in results if "tokens_per_second" in r}
 
     ours, theirs = ok(model_results), ok(baseline_results)
     if not ours or not theirs:
@@ -337,17 +373,22 @@ def speedups(model_results: list[dict], baseline_results: list[dict]) -> dict:
     }
 
 
+def engine_label(part: dict) -> str:
+    """A report part's engine as the table and the plot name it."""
+    return f"{part['engine']} engine" + (", compiled steps" if part.get("compile_steps") else "")
+
+
 def format_table(report: dict) -> str:
     lines = []
     for key in ("model", "baseline"):
         if key not in report:
             continue
         part = report[key]
-        engine = f" ({part['engine']} engine)" if part.get("engine") else ""
+        engine = f" ({engine_label(part)})" if part.get("engine") else ""
         lines += [f"{key}: {part['name']}{engine}", "| batch | tokens/s | ms/token | peak memory GiB |", "|---|---|---|---|"]
         for r in part["results"]:
-            if r.get("out_of_memory"):
-                lines.append(f"| {r['batch_size']} | out of memory | | |")
+            if "tokens_per_second" not in r:
+                lines.append(f"| {r['batch_size']} | {'out of memory' if r.get('out_of_memory') else r.get('skipped')} | | |")
                 continue
             memory = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "n/a"
             lines.append(f"| {r['batch_size']} | {r['tokens_per_second']:,.1f} | {r['ms_per_token']:.2f} | {memory} |")
@@ -374,8 +415,8 @@ def draw(report: dict, path: Path) -> Path | None:
     for key, marker in (("model", "o"), ("baseline", "s")):
         if key not in report:
             continue
-        points = [r for r in report[key]["results"] if not r.get("out_of_memory")]
-        engine = f" ({report[key]['engine']})" if report[key].get("engine") else ""
+        points = [r for r in report[key]["results"] if "tokens_per_second" in r]
+        engine = f" ({engine_label(report[key])})" if report[key].get("engine") else ""
         axes.plot([r["batch_size"] for r in points], [r["tokens_per_second"] for r in points], marker=marker,
                   label=f"{key}: {_short(report[key]['name'])}{engine}")
     settings = report["settings"]
@@ -403,10 +444,10 @@ def bench(model_spec: str, baseline_spec: str | None, settings: BenchSettings, o
         if spec is None:
             continue
         model = build_model(spec, settings)
-        report[key] = {"name": spec, "engine": engines[key], "parameters": sum(p.numel() for p in model.parameters()),
-                       "results": []}
+        report[key] = {"name": spec, "engine": engines[key], "compile_steps": settings.compile and engines[key] == "fast",
+                       "parameters": sum(p.numel() for p in model.parameters()), "results": []}
         sweep(model, settings, key, report[key]["results"], lambda: on_result(report), engines[key])
-        _release_engines(model)
+        release_engines(model)
         del model
         if settings.device.startswith("cuda"):
             torch.cuda.empty_cache()

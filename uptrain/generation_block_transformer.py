@@ -11,27 +11,38 @@ Rows of a left-padded batch are re-laid so that each row's first real token star
 whole blocks end together; the first block step completes every row's partial block, its given tokens
 forced, and from then on all rows run in lockstep.
 
-Two engines run that loop, with the same token rules (`choose_tokens`) and the same results:
+Two engines run that loop, with the same token rules (`TokenRules`) and the same results:
 
 - eager: transformers' dynamic caches, a Python loop, finished rows dropped between blocks (CPU default).
-- fast (`_BlockEngine`, the CUDA default): every buffer preallocated for the whole batch and length -- the
-  block decoder's keys and values (B, H_kv, prompt blocks + steps, d), the token decoder's window
-  (B, H_kv, r + L - 1, d), tokens, positions, EOS flags -- and each step a function of those buffers
-  with fixed shapes and no host synchronisation: one "token block" (the L token-decoder steps with sampling,
-  EOS and min_new_tokens on the device) and one "block step" per visible-length bucket. On CUDA each is
-  captured once as a CUDA graph (`StepGraphs`) and replayed; elsewhere the same functions run eagerly. The
-  host looks at one flag a block (a block late, so the device never waits) to stop when every row is done.
+- fast (`BlockEngine`, the CUDA default): a `StaticEngine`, whose buffers are preallocated for the whole
+  batch and length and whose steps are functions of those buffers with fixed shapes and no host
+  synchronisation: one "token block" (the L token-decoder steps with sampling, EOS and min_new_tokens on
+  the device) and one "block step" per visible-length bucket. On CUDA each is captured once as a CUDA graph
+  (`StepGraphs`) and replayed; elsewhere the same functions run eagerly. The host looks at one flag a round
+  (a round late on CUDA, so the device never waits) to stop when every row is done. `compile_steps` puts
+  each step through `torch.compile` before its capture. The vanilla model's engine in `uptrain bench` is a
+  `StaticEngine` too.
 
-How the fast engine runs the decoders: it calls their own transformers modules (any family), with
-`use_cache=False`, explicit position ids and their attention implementation switched to `block_static`, a
-function registered with transformers' `AttentionInterface`. That function receives each layer's new keys
-and values after the family's own projections, rotary embedding and norms, writes them into the static
-buffers at the slots the engine planned (`_Plan`), and attends over the buffers with plain batched
-matmuls (grouped-query heads without repeating keys). The prompt's prefill writes the buffers the same way
-but delegates the attention to the decoder's own implementation, so the prefill is numerically the eager
-path's. Only `AttentionInterface` and the attention-function signature are relied on, which 5.17 and 5.24
-share; transformers' StaticCache is not used because its update signature changed between those releases
-and its masks are built by transformers on every call.
+Where keys and values go: the engines call the decoders' own transformers modules (any family) with
+`use_cache=False`, explicit position ids, their attention implementation switched to `static_kv` (a
+function registered with transformers' `AttentionInterface`) and a `kv_plan=KVPlan(...)` keyword argument,
+which transformers hands to the attention function of every layer (`run_with_plan`). That function receives
+each layer's new keys and values after the family's own projections, rotary embedding and norms, writes
+them into the static buffers at the plan's slots, and attends over the buffers with plain batched matmuls
+(grouped-query heads without repeating keys). A prefill writes the buffers the same way but delegates the
+attention to the decoder's own implementation, so that it is numerically the eager path's. Relied on:
+`AttentionInterface`, the attention-function signature, and that a decoder hands its call's extra keyword
+arguments to every layer's attention function, which transformers 5.17 and later share (a layer that does
+not is detected: `Unsupported`); transformers' StaticCache is not used because its update signature changed
+between those releases and its masks are built by transformers on every call.
+
+Rows join and leave: every piece of a static engine's state is per row -- each row's cache write slot,
+valid slots, position, given tokens, produced count, EOS flag -- and a step moves a row on only while it is
+live. `prefill(prompt, rows)` starts some rows on new prompts (their cache rows rewritten, their counters
+reset) while the other rows keep their state, so a row joins a running batch between two rounds of
+`advance(visible)` (a block for the block model, a token for the vanilla one), the visible bucket covering
+every live row's write slot. A row leaves when it is done (EOS, or its tokens all generated): it stops
+moving and produces padding until a prefill gives it a new prompt. Rows of a new engine are done.
 """
 
 import copy
@@ -41,6 +52,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import AttentionInterface, DynamicCache, GenerationConfig
@@ -53,11 +65,11 @@ from transformers.generation.logits_process import (
 from transformers.masking_utils import AttentionMaskInterface
 
 ENGINES = ("auto", "fast", "eager")
-STATIC_ATTENTION = "block_static"  # decoding steps: attention over the static buffers, no mask built
-BUCKET = 32  # the block step attends over the first k * BUCKET cache slots; one captured graph per k
+STATIC_ATTENTION = "static_kv"  # decoding steps: attention over the static buffers, no mask built
+BUCKET = 32  # a decoding step attends over the first k * BUCKET cache slots; one captured graph per k
 
 
-def _cache_argument(module) -> str:
+def cache_argument(module) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; use whichever the decoder takes."""
     return _cache_argument_of(type(module))
 
@@ -74,36 +86,16 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-# -- token rules, shared by both engines --------------------------------------------------------------------
+# -- settings and token rules, shared by every engine --------------------------------------------------------
 
 
-def choose_tokens(logits, warpers, eos, min_new: int, produced, finished, pad_id: int, rows=None, sample=None):
-    """The next token of every row: (A, V) logits -> (A,).
-
-    `logits` may be in the model's dtype and are changed in place (callers pass a fresh tensor). Greedy picks
-    from them as they are, the token an exact float32 upcast would give, without a float32 copy of the
-    logits; sampling works in float32. EOS is blocked while a row has fewer than `min_new` tokens. Sampling
-    (`sample`; by default when `warpers` is not empty) draws from the warped softmax by the exponential race
-    argmax(p / E), E ~ Exp(1), which has the same distribution as `torch.multinomial` and needs no host
-    synchronisation; finished rows get `pad_id`. `rows` = (B, index): the A rows are these of a batch of B;
-    the draws are made for all B rows, so that the generator advances the same whichever rows are left, and
-    both engines draw the same numbers for a row.
-    """
-    if len(eos) and min_new:
-        early = (produced < min_new)[:, None]  # (A, 1)
-        logits.index_copy_(1, eos, torch.where(early, float("-inf"), logits.index_select(1, eos)))
-    if sample if sample is not None else bool(warpers):
-        logits = logits.float()
-        probs = torch.softmax(warpers(None, logits) if warpers else logits, dim=-1)
-        if rows is None:
-            race = torch.empty_like(probs).exponential_()
-        else:
-            race = probs.new_empty(rows[0], probs.shape[1]).exponential_()[rows[1]]
-        race = race.clamp_(min=torch.finfo(probs.dtype).tiny)
-        chosen = (probs / race).argmax(-1)
-    else:
-        chosen = logits.argmax(-1)
-    return torch.where(finished, pad_id, chosen)
+def generation_settings(model, generation_config, kwargs) -> GenerationConfig:
+    base = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
+    settings = copy.deepcopy(base)
+    unused = settings.update(**kwargs)
+    if unused:
+        raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(sorted(unused))}")
+    return settings
 
 
 def make_warpers(settings: GenerationConfig) -> LogitsProcessorList:
@@ -117,15 +109,6 @@ def make_warpers(settings: GenerationConfig) -> LogitsProcessorList:
     if settings.top_p is not None and settings.top_p < 1.0:
         warpers.append(TopPLogitsWarper(settings.top_p))
     return warpers
-
-
-def generation_settings(model, generation_config, kwargs) -> GenerationConfig:
-    base = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
-    settings = copy.deepcopy(base)
-    unused = settings.update(**kwargs)
-    if unused:
-        raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(sorted(unused))}")
-    return settings
 
 
 @dataclass
@@ -148,25 +131,80 @@ class TokenRules:
         eos_ids = _token_ids(settings.eos_token_id)
         pad_id = settings.pad_token_id if settings.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         min_new = settings.min_new_tokens or 0
-        warpers = make_warpers(settings)
         sample = bool(settings.do_sample)
         sampling = (settings.temperature, settings.top_k, settings.top_p) if sample else None
         eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
         key = (max_new, tuple(eos_ids), int(pad_id), min_new, sample, sampling)
-        return cls(max_new, eos, int(pad_id), min_new, warpers, sample, key)
+        return cls(max_new, eos, int(pad_id), min_new, make_warpers(settings), sample, key)
 
-    def record(self, tokens, token, is_given, produced, finished):
-        """Write each row's token into `tokens` (B, max_new) at the row's next column unless it was given or the
-        row is full; update `finished` (EOS) and `produced` in place. Rows are all of `tokens`' rows."""
-        writes = ~is_given & (produced < self.max_new)  # (B,)
-        column = produced.clamp(max=self.max_new - 1)[:, None]  # (B, 1)
-        tokens.scatter_(1, column, torch.where(writes[:, None], token[:, None], tokens.gather(1, column)))
+    @property
+    def may_stop_early(self) -> bool:
+        """Whether an EOS can end every row before max_new tokens."""
+        return len(self.eos) > 0 and self.min_new < self.max_new
+
+    def choose(self, logits, produced, finished, rows: torch.Tensor | None = None, batch: int | None = None):
+        """The next token of each of A rows: (A, V) logits -> (A,).
+
+        `logits` may be in the model's dtype and are changed in place (callers pass a fresh tensor). Greedy picks
+        from them as they are, the token an exact float32 upcast would give, without a float32 copy of the
+        logits; sampling works in float32. EOS is blocked while a row has fewer than `min_new` tokens. Sampling
+        draws from the warped softmax by the exponential race argmax(p / E), E ~ Exp(1), which has the same
+        distribution as `torch.multinomial` and needs no host synchronisation; finished rows get `pad_id`.
+        `rows` (A,): the A rows are these of a batch of `batch`; the draws are made for all of them, so that
+        the generator advances the same whichever rows are left, and every engine draws the same numbers for
+        a row.
+        """
+        if len(self.eos) and self.min_new:
+            early = (produced < self.min_new)[:, None]  # (A, 1)
+            logits.index_copy_(1, self.eos, torch.where(early, float("-inf"), logits.index_select(1, self.eos)))
+        if self.sample:
+            logits = logits.float()
+            probs = torch.softmax(self.warpers(None, logits) if self.warpers else logits, dim=-1)
+            if rows is None:
+                race = torch.empty_like(probs).exponential_()
+            else:
+                race = probs.new_empty(batch, probs.shape[1]).exponential_()[rows]
+            race = race.clamp_(min=torch.finfo(probs.dtype).tiny)
+            chosen = (probs / race).argmax(-1)
+        else:
+            chosen = logits.argmax(-1)
+        return torch.where(finished, self.pad_id, chosen)
+
+    def record(self, tokens, token, is_given, produced, finished, rows):
+        """Write each of A rows' token into its row `rows` (A,) of `tokens` (B, max_new), at the row's next
+        column, unless it was given (`is_given` (A,), None: none was) or the row is full; update `finished`
+        (EOS) and `produced` (A,) in place. Returns which rows wrote (A,)."""
+        writes = produced < self.max_new  # (A,)
+        if is_given is not None:
+            writes &= ~is_given
+        column = produced.clamp(max=self.max_new - 1)  # (A,)
+        tokens[rows, column] = torch.where(writes, token, tokens[rows, column])
         if len(self.eos):
             finished |= writes & (token[:, None] == self.eos).any(-1)
         produced += writes.long()
+        return writes
 
 
-# -- the static-cache machinery, shared with the vanilla engine in `uptrain bench` ---------------------------
+@dataclass
+class GenerationRequest:
+    """One generate call, checked: left-padded prompts and the rules of their new tokens."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T), 1 for real tokens, every row's last one real
+    rules: TokenRules
+
+    @classmethod
+    def of(cls, model, input_ids, attention_mask=None, generation_config=None, kwargs=None) -> "GenerationRequest":
+        settings = generation_settings(model, generation_config, kwargs or {})
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError("generate() needs left padding: every row's last position must be a real token")
+        rules = TokenRules.from_settings(settings, input_ids.shape[1], input_ids.device)
+        return cls(input_ids, attention_mask, rules)
+
+
+# -- where keys and values go ---------------------------------------------------------------------------------
 
 
 class StaticKV:
@@ -178,7 +216,8 @@ class StaticKV:
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
 
-    def write(self, layer: int, key, value, plan: "_Plan"):
+    def write(self, layer: int, key, value, plan: "KVPlan"):
+        """Store one call's key and value (A, H_kv, q, d) where `plan` says; returns the layer's buffers."""
         if self.keys[layer] is None:
             shape = (self.batch, key.shape[1], self.length, key.shape[3])
             self.keys[layer] = key.new_zeros(shape)
@@ -188,85 +227,75 @@ class StaticKV:
             keep = plan.write_valid[:, None, :, None]
             key, value = torch.where(keep, key, 0), torch.where(keep, value, 0)
         if isinstance(plan.write, slice):
-            keys[:, :, plan.write] = key
-            values[:, :, plan.write] = value
-        else:  # a (1,) device index: the slot moves from step to step inside one captured graph
-            keys.index_copy_(2, plan.write, key)
-            values.index_copy_(2, plan.write, value)
+            rows = slice(None) if plan.rows is None else plan.rows
+            keys[rows, :, plan.write] = key
+            values[rows, :, plan.write] = value
+        else:  # (B,) device slots, one a row: inside one captured graph the slots move from step to step
+            index = plan.write.view(-1, 1, 1, 1).expand_as(key)  # (B, H_kv, 1, d)
+            keys.scatter_(2, index, key)
+            values.scatter_(2, index, value)
         return keys, values
 
 
 @dataclass
-class _Plan:
-    """What `static_attention` does in the decoder call in progress."""
+class KVPlan:
+    """Where one decoder call's keys and values go, and which slots of the buffers each query sees."""
 
     kv: StaticKV
-    write: slice | torch.Tensor  # the slots of this call's keys: a slice, or a (1,) device index
+    write: slice | torch.Tensor  # the slots of this call's keys: a slice, or (B,) one slot a row
     visible: int  # queries attend to slots [0, visible)
-    first_query: int | None = None  # slot of the first query when static; None: the query is at `write`
-    key_valid: torch.Tensor | None = None  # (B, visible) bool: False for padding slots
+    first_query: int | None = None  # slot of the first query, the same in every row; None: a row's query is at `write`
+    key_valid: torch.Tensor | None = None  # (B, visible) bool: False for slots a row must not see
     prefill: str | None = None  # the decoder's own attention implementation, which a prefill delegates to
-    write_valid: torch.Tensor | None = None  # (B, written) bool: slots to zero on writing (prefill padding)
-    seen: set = field(default_factory=set)
+    rows: torch.Tensor | None = None  # prefill: the buffer rows (A,) of this call's A rows; None: all rows
+    write_valid: torch.Tensor | None = None  # prefill: (A, written) bool, slots stored as zeros (padding)
+    seen: set = field(default_factory=set)  # layers whose attention went through `static_attention`
 
-
-class _Active:
-    plan: _Plan | None = None
-
-
-_ACTIVE = _Active()
+    @property
+    def implementation(self) -> str:
+        """The attention implementation a decoder runs this plan with."""
+        return STATIC_ATTENTION if self.prefill is None else _prefill_implementation(self.prefill)
 
 
 class Unsupported(RuntimeError):
     """The fast engine cannot run this architecture (a layer does not go through the attention interface)."""
 
 
-@dataclass
-class planned:
-    """Context: run one decoder with `plan`, its attention switched to the static function, and check that
-    every layer went through it."""
-
-    decoder: torch.nn.Module
-    plan: _Plan
-
-    def __enter__(self):
-        self.saved = (_ACTIVE.plan, self.decoder.config._attn_implementation)
-        if str(self.saved[1]).startswith(STATIC_ATTENTION):
-            raise RuntimeError("nested static-cache decoder calls")
-        _ACTIVE.plan = self.plan
-        if self.plan.prefill is not None:
-            self.decoder.config._attn_implementation = _prefill_implementation(self.plan.prefill)
-        else:
-            self.decoder.config._attn_implementation = STATIC_ATTENTION
-        return self.plan
-
-    def __exit__(self, kind, value, traceback):
-        _ACTIVE.plan, self.decoder.config._attn_implementation = self.saved
-        if kind is None:
-            layers = self.decoder.config.num_hidden_layers
-            if self.plan.seen != set(range(layers)):
-                raise Unsupported(
-                    f"{type(self.decoder).__name__}: {len(self.plan.seen)} of {layers} layers went through the "
-                    "attention interface; use generate(engine='eager')"
-                )
-        return False
+def run_with_plan(decoder: torch.nn.Module, plan: KVPlan, **inputs):
+    """`decoder(**inputs, use_cache=False, kv_plan=plan)`, its attention switched to `static_attention` for this
+    call; then checks that every layer's keys and values went where `plan` says."""
+    config = decoder.config
+    original = config._attn_implementation
+    if str(original).startswith(STATIC_ATTENTION):
+        raise RuntimeError("nested static-cache decoder calls")
+    config._attn_implementation = plan.implementation
+    try:
+        output = decoder(**inputs, use_cache=False, kv_plan=plan)  # transformers hands kv_plan to every layer's attention
+    finally:
+        config._attn_implementation = original
+    layers = config.num_hidden_layers
+    if plan.seen != set(range(layers)):
+        raise Unsupported(f"{type(decoder).__name__}: {len(plan.seen)} of {layers} layers went through the "
+                          "attention interface; use generate(engine='eager')")
+    return output
 
 
-def static_attention(module, query, key, value, attention_mask, **kwargs):
+def static_attention(module, query, key, value, attention_mask, kv_plan: KVPlan | None = None, **kwargs):
     """transformers' attention-function signature: query (B, H, q, d), this call's key and value (B, H_kv, q, d)
-    -> ((B, q, H, d), None). Writes key and value into the active plan's buffers, then attends over them."""
-    plan = _ACTIVE.plan
-    if plan is None:
-        raise RuntimeError(f"{STATIC_ATTENTION} attention runs inside the static generation engine only")
+    -> ((B, q, H, d), None). Writes key and value into `kv_plan`'s buffers, then attends over them."""
+    if kv_plan is None:
+        raise Unsupported(f"{type(module).__name__} does not hand the decoder's keyword arguments to its attention; "
+                          "use generate(engine='eager')")
     layer = module.layer_idx
-    plan.seen.add(layer)
-    keys, values = plan.kv.write(layer, key, value, plan)
-    if plan.prefill is not None:
-        return _original_attention(module, plan.prefill)(module, query, key, value, attention_mask, **kwargs)
-    return _attend(query, keys[:, :, : plan.visible], values[:, :, : plan.visible], plan, kwargs)
+    kv_plan.seen.add(layer)
+    keys, values = kv_plan.kv.write(layer, key, value, kv_plan)
+    if kv_plan.prefill is not None:
+        return _original_attention(module, kv_plan.prefill)(module, query, key, value, attention_mask, **kwargs)
+    visible = kv_plan.visible
+    return _attend(query, keys[:, :, :visible], values[:, :, :visible], kv_plan, kwargs)
 
 
-def _attend(query, keys, values, plan: _Plan, options: dict):
+def _attend(query, keys, values, plan: KVPlan, options: dict):
     """Softmax attention as two batched matmuls, the query heads of one key head side by side (no repeat).
 
     query (B, H, q, d); keys, values (B, H_kv, S, d) -> (B, q, H, d)."""
@@ -286,14 +315,14 @@ def _attend(query, keys, values, plan: _Plan, options: dict):
     return out.view(batch, heads, length, head_dim).transpose(1, 2), None
 
 
-def _allowed(plan: _Plan, length: int, slots: int, window: int | None, device):
+def _allowed(plan: KVPlan, length: int, slots: int, window: int | None, device):
     """Which slots each query sees, broadcastable to (B, H_kv, G, q, S); None when all of them."""
-    if plan.first_query is None:  # the block step: one query at slot `write`
+    if plan.first_query is None:  # one query a row, at the row's slot `write` (B,)
         allowed = plan.key_valid  # (B, S)
         if window is not None:
-            allowed = allowed & (torch.arange(slots, device=device) > plan.write - window)
+            allowed = allowed & (torch.arange(slots, device=device) > plan.write[:, None] - window)
         return allowed[:, None, None, None, :]
-    last = plan.first_query + length - 1  # the token decoder: static slots, causal inside the window
+    last = plan.first_query + length - 1  # static slots, causal inside the window
     if last == slots - 1 and length == 1 and (window is None or window >= slots):
         return None
     kv_index = torch.arange(slots, device=device)
@@ -328,6 +357,9 @@ def _prefill_implementation(original: str) -> str:
 AttentionInterface.register(STATIC_ATTENTION, static_attention)  # no mask function: transformers builds none
 
 
+# -- the static engine skeleton ---------------------------------------------------------------------------
+
+
 class StepGraphs:
     """Runs the engine's step functions: on CUDA each is captured once as a CUDA graph and replayed, all in one
     memory pool (they run one after another, and write their results into the engine's own buffers); on
@@ -340,7 +372,7 @@ class StepGraphs:
 
     # engines of other shapes, and their buckets, recompile the same step functions: more than dynamo's default
     RECOMPILE_LIMIT = 64
-    COMPILE_ARGUMENTS = {"options": {"fallback_random": True}}  # torch.compile's keyword arguments
+    COMPILE_ARGUMENTS: ClassVar[dict] = {"options": {"fallback_random": True}}  # torch.compile's keyword arguments
 
     def __init__(self, device: torch.device, enabled: bool = True, compile: bool = False):
         self.enabled = enabled and device.type == "cuda"
@@ -394,8 +426,8 @@ class StepGraphs:
 
 
 class DoneFlag:
-    """The host's once-a-block look at `done` (a device bool): on CUDA it reads the previous block's value,
-    copied without blocking, so that the device always has the next block queued."""
+    """The host's once-a-round look at `done` (a device bool): on CUDA it reads the previous round's value,
+    copied without blocking, so that the device always has the next round queued."""
 
     def __init__(self, device: torch.device):
         self.lagged = device.type == "cuda"
@@ -423,25 +455,6 @@ def buckets(first: int, count: int, total: int, size: int = BUCKET) -> list[int]
     return [min(total, -(-(first + k + 1) // size) * size) for k in range(count)]
 
 
-def discard(engines: weakref.WeakKeyDictionary, model) -> None:
-    """Forget `model`'s engine now: its step functions and graphs refer back to it, so its buffers would
-    otherwise wait for the garbage collector."""
-    engine = engines.pop(model, None)
-    if engine is not None:
-        engine.__dict__.clear()
-
-
-def build_engine(cls, *args):
-    """`cls(*args)`, its buffers freed at once if building fails (an out-of-memory error in a batch sweep)."""
-    engine = cls.__new__(cls)
-    try:
-        engine.__init__(*args)
-    except BaseException:
-        engine.__dict__.clear()
-        raise
-    return engine
-
-
 def capture_failed(error: BaseException) -> bool:
     """A CUDA graph could not be captured (an operation that synchronises with the host, say)."""
     return isinstance(error, RuntimeError) and "captur" in str(error).lower() and not isinstance(error, torch.OutOfMemoryError)
@@ -452,11 +465,205 @@ def parameters_key(model) -> tuple:
     return tuple(p.data_ptr() for p in model.parameters())
 
 
-# -- the block model's generate() -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineShape:
+    """What a static engine's buffers and captured steps are built for."""
+
+    batch: int  # rows
+    slots: int  # cache slots a row
+    visible: tuple[int, ...]  # the visible lengths (buckets) whose decoding steps are captured
+
+
+_ENGINES = weakref.WeakKeyDictionary()  # model -> its last static engine (buffers and graphs kept for reuse)
+
+
+def engine_of(model) -> "StaticEngine | None":
+    """The static engine kept from `model`'s last fast generate call, if any."""
+    return _ENGINES.get(model)
+
+
+def release_engine(model) -> None:
+    """Free the static engine kept for `model` now (its buffers and CUDA graphs)."""
+    engine = _ENGINES.pop(model, None)
+    if engine is not None:
+        engine.close()
+
+
+class StaticEngine:
+    """Static buffers for one `EngineShape` and the step functions over them (see the module docstring).
+
+    The base holds what every engine shares: the generated tokens and per-row counters, the step table
+    (`StepGraphs`) with its capture, the round loop that watches the EOS flag, `close()`, and the generate
+    wrapper (`generate`, `new_tokens`, `open`): it checks a call's settings, reuses the model's engine when
+    its shape and rules fit, falls back to uncaptured steps when a capture fails and discards the engine on
+    an error. A subclass allocates its own
+    buffers and adds its steps in `__init__` (then calls `self.graphs.capture()`), and defines `lay_out`
+    (a request's prompt, with its `shape`), `prefill(prompt, rows)`, `advance(visible)` (one round of steps:
+    a block, or a token) and `rounds(prompt)` (the visible length of each round that generates a prompt's
+    tokens). The host looks at the EOS flag after each round. A new engine's rows hold no prompt: they are
+    finished until a prefill starts them.
+    """
+
+    def __init__(self, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True,
+                 compile_steps: bool = False):
+        self._model = weakref.ref(model)  # `_ENGINES` keeps the engine while the model lives: no strong ref back
+        self.key = None  # set by `generate` to what the engine was built for
+        self.shape, self.rules = shape, rules
+        self.batch = batch = shape.batch
+        self.device = device = next(model.parameters()).device
+        long = {"dtype": torch.long, "device": device}
+        self.rows = torch.arange(batch, **long)  # (B,) every row
+        self.tokens = torch.full((batch, max(rules.max_new, 1)), rules.pad_id, **long)  # (B, max_new) generated
+        self.produced = torch.zeros(batch, **long)  # (B,) tokens generated so far
+        self.finished = torch.ones(batch, dtype=torch.bool, device=device)  # (B,) EOS generated, or no prompt
+        self.live = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,) still generating: advances
+        self.done = torch.ones((), dtype=torch.bool, device=device)  # no row live: the host's flag
+        self.graphs = StepGraphs(device, cuda_graphs, compile_steps)
+
+    @property
+    def model(self):
+        return self._model()
+
+    # -- what a subclass defines ----------------------------------------------------------------------------
+
+    @classmethod
+    def lay_out(cls, model, request: GenerationRequest):
+        """The request's prompt as this engine takes it; its `shape` is the engine's `EngineShape`."""
+        raise NotImplementedError
+
+    def prefill(self, prompt, rows: torch.Tensor | None = None):
+        """Start `rows` (R,) (default: all) on the prompt's R rows; the other rows keep their state."""
+        raise NotImplementedError
+
+    def advance(self, visible: int | None):
+        """One round of steps, whose decoding step attends over the first `visible` cache slots (one of the
+        shape's buckets, covering every live row's write slot)."""
+        raise NotImplementedError
+
+    def rounds(self, prompt) -> list[int | None]:
+        """The visible length of each round that generates `prompt`'s tokens."""
+        raise NotImplementedError
+
+    # -- the shared machinery -------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def generate(cls, model, input_ids, attention_mask=None, generation_config=None, cuda_graphs: bool = True,
+                 compile_steps: bool = False, **kwargs) -> torch.LongTensor:
+        """Like `model.generate` (greedy or sampled, eos, min_new_tokens, left padding) on this engine; returns
+        (B, T + max_new_tokens): exactly max_new_tokens per row, pad_token_id after a row's EOS."""
+        request = GenerationRequest.of(model, input_ids, attention_mask, generation_config, kwargs)
+        if request.rules.max_new == 0:
+            return input_ids.clone()
+        return torch.cat([input_ids, cls.new_tokens(model, request, cuda_graphs, compile_steps)], dim=1)
+
+    @classmethod
+    @torch.no_grad()
+    def new_tokens(cls, model, request: GenerationRequest, cuda_graphs: bool = True,
+                   compile_steps: bool = False) -> torch.Tensor:
+        """(B, max_new) generated tokens; the model's engine is kept for the next call of the same shape and
+        rules (`release_engine(model)` frees it) and discarded on an error."""
+        prompt = cls.lay_out(model, request)
+        key = (cls, prompt.shape, request.rules.key, request.input_ids.device, cuda_graphs, compile_steps,
+               parameters_key(model))
+        engine = _ENGINES.get(model)
+        if engine is None or engine.key != key:
+            release_engine(model)  # free the old buffers before allocating new ones
+            engine = cls.open(model, prompt.shape, request.rules, cuda_graphs, compile_steps)
+            engine.key = key
+            _ENGINES[model] = engine
+        try:
+            return engine.run(prompt)
+        except Exception:
+            release_engine(model)
+            raise
+
+    @classmethod
+    @torch.no_grad()
+    def open(cls, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True,
+             compile_steps: bool = False) -> "StaticEngine":
+        """A new engine, its steps captured; if a capture fails, one whose steps run uncaptured (with a
+        warning). Its buffers are freed at once if building it fails (out of memory in a batch sweep, say)."""
+        try:
+            return cls._built(model, shape, rules, cuda_graphs, compile_steps)
+        except RuntimeError as error:
+            if not (cuda_graphs and capture_failed(error)):
+                raise
+            warnings.warn(f"CUDA graph capture failed ({error}); running the static steps uncaptured", stacklevel=4)
+            return cls._built(model, shape, rules, False, compile_steps)
+
+    @classmethod
+    def _built(cls, *arguments) -> "StaticEngine":
+        engine = cls.__new__(cls)
+        try:
+            engine.__init__(*arguments)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    @torch.no_grad()
+    def run(self, prompt) -> torch.Tensor:
+        """Prefill every row with `prompt`, run its rounds until they end or no row is live -> (B, max_new)."""
+        self.prefill(prompt)
+        flag = DoneFlag(self.device) if self.rules.may_stop_early else None
+        for visible in self.rounds(prompt):
+            self.advance(visible)
+            if flag is not None and flag.all_done(self.done):
+                break
+        return self.tokens[:, : self.rules.max_new].clone()
+
+    def close(self) -> None:
+        """Free the buffers and CUDA graphs now: the step functions refer back to the engine, so they would
+        otherwise wait for the garbage collector. The engine cannot run afterwards."""
+        reference = self.__dict__.get("_model")
+        model = reference() if reference is not None else None
+        if model is not None and _ENGINES.get(model) is self:
+            del _ENGINES[model]
+        self.__dict__.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.close()
+        return False
+
+    def start_rows(self, rows):
+        """Reset the shared per-row state of `rows` (an index of the batch) for new prompts."""
+        self.tokens[rows] = self.rules.pad_id
+        self.produced[rows] = 0
+        self.finished[rows] = False
+        self.live[rows] = True
+        self.done.fill_(False)
+
+    def emit(self, logits, given=None, is_given=None):
+        """Every row's next token (B,) from its logits (B, V), or its given token where `is_given` (B,); the
+        generated ones are recorded."""
+        chosen = self.rules.choose(logits, self.produced, self.finished)
+        token = chosen if given is None else torch.where(is_given, given, chosen)
+        self.rules.record(self.tokens, token, is_given, self.produced, self.finished, self.rows)
+        return token
+
+    def emit_rows(self, logits, rows: torch.Tensor):
+        """`emit` for some rows (R,) of the batch, from their logits (R, V) (a prefill's first token)."""
+        produced, finished = self.produced[rows], self.finished[rows]  # (R,) copies
+        token = self.rules.choose(logits, produced, finished, rows=rows, batch=self.batch)
+        self.rules.record(self.tokens, token, None, produced, finished, rows)
+        self.produced[rows], self.finished[rows] = produced, finished
+        return token
+
+    def settle(self):
+        """After a round's tokens: which rows are still live, and whether none is (`done`)."""
+        torch.logical_and(~self.finished, self.produced < self.rules.max_new, out=self.live)
+        self.done.copy_(~self.live.any())
+
+
+# -- the block model's fast engine --------------------------------------------------------------------------
 
 
 @dataclass
-class _Prompt:
+class BlockPrompt:
     """A left-padded prompt re-laid in blocks: row b's F whole blocks end together, its partial block after."""
 
     blocks: int  # F: prompt blocks, padding blocks included
@@ -467,18 +674,164 @@ class _Prompt:
     forced: torch.Tensor  # (B, L) the partial block's tokens, given in the first block step
     steps: int  # block steps that give every row max_new tokens
 
+    @classmethod
+    def lay_out(cls, input_ids, attention_mask, block_length: int, max_new: int) -> "BlockPrompt":
+        length = input_ids.shape[1]
+        device = input_ids.device
+        real = attention_mask.sum(1)  # (B,)
+        whole, partial = real // block_length, real % block_length  # (B,), (B,)
+        blocks = int(whole.max())
 
-_ENGINES = weakref.WeakKeyDictionary()  # model -> its last fast engine (buffers and graphs kept for reuse)
+        # Row b's whole blocks end at block `blocks`; its partial block comes after.
+        first_real = length - real  # (B,)
+        slot = torch.arange(blocks * block_length, device=device)  # (F*L,)
+        k = slot[None] - (blocks - whole)[:, None] * block_length  # (B, F*L) index among the row's real tokens
+        block_ids = input_ids.gather(1, (first_real[:, None] + k.clamp(min=0)).clamp(max=length - 1))
+        inside = torch.arange(block_length, device=device)[None]  # (1, L)
+        k_partial = whole[:, None] * block_length + inside  # (B, L)
+        forced = input_ids.gather(1, (first_real[:, None] + k_partial).clamp(max=length - 1))  # (B, L)
+        block_mask = (torch.arange(blocks, device=device)[None] >= (blocks - whole)[:, None]).long()  # (B, F)
+        steps = -(-(max_new + int(partial.max())) // block_length)
+        return cls(blocks, whole, partial, block_ids, block_mask, forced, steps)
+
+    @property
+    def slots(self) -> int:
+        """Block-cache slots a row needs: the prompt's blocks, then one a block step."""
+        return max(self.blocks + self.steps - 1, 1)
+
+    @property
+    def visible(self) -> list[int]:
+        """The visible length of each block step."""
+        return buckets(self.blocks, self.steps - 1, self.slots)
+
+    @property
+    def shape(self) -> EngineShape:
+        return EngineShape(len(self.whole), self.slots, tuple(sorted(set(self.visible))))
+
+
+class BlockEngine(StaticEngine):
+    """The block model's fast engine.
+
+    Slots of the block decoder's cache, per row: [0, F) the prompt's blocks (padding blocks masked), then one
+    a block step, the same layout as the eager engine's cache, so that sliding windows count the same slots.
+    Per-row state: `write_slot` and `block_position` (where its next block goes, and its position id),
+    `key_valid` (its valid slots), `context`, `forced`/`n_forced` (its given tokens), and the base's counters.
+    """
+
+    def __init__(self, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True,
+                 compile_steps: bool = False):
+        super().__init__(model, shape, rules, cuda_graphs, compile_steps)
+        config = model.config
+        self.block_length, self.prefix_length = config.block_length, config.prefix_length
+        batch, device = shape.batch, self.device
+        self.block_kv = StaticKV(config.block_decoder.num_hidden_layers, batch, shape.slots)
+        self.token_kv = StaticKV(config.token_decoder.num_hidden_layers, batch, self.prefix_length + self.block_length - 1)
+        long = {"dtype": torch.long, "device": device}
+        self.context = torch.zeros(batch, model.start_context.shape[0], dtype=model.start_context.dtype, device=device)
+        self.key_valid = torch.zeros(batch, shape.slots, dtype=torch.bool, device=device)  # (B, S)
+        self.write_slot = torch.zeros(batch, **long)  # (B,) each row's next block-cache slot
+        self.block_position = torch.zeros(batch, 1, **long)  # (B, 1) each row's next block position id
+        self.forced = torch.zeros(batch, self.block_length, **long)  # (B, L)
+        self.n_forced = torch.zeros(batch, **long)  # (B,)
+        self.block = torch.zeros(batch, self.block_length, **long)  # (B, L) the block just decoded
+        window = model.window_position_ids(device)[None].expand(batch, -1)  # (B, r+L-1)
+        r = self.prefix_length
+        self.token_positions = [window[:, :r]] + [window[:, r + i - 1 : r + i] for i in range(1, self.block_length)]
+        self.graphs.add("token block", self.token_block)
+        for visible in shape.visible:
+            self.graphs.add(("block step", visible), functools.partial(self.block_step, visible))
+        self.graphs.capture()
+
+    @classmethod
+    def lay_out(cls, model, request: GenerationRequest) -> BlockPrompt:
+        return BlockPrompt.lay_out(request.input_ids, request.attention_mask, model.config.block_length,
+                                   request.rules.max_new)
+
+    def advance(self, visible: int | None):
+        """A token block, then (unless `visible` is None: a prompt's last block) a block step."""
+        self.graphs.run("token block")
+        if visible is not None:
+            self.graphs.run(("block step", visible))
+
+    def rounds(self, prompt: BlockPrompt) -> list[int | None]:
+        return prompt.visible + [None]
+
+    @torch.no_grad()
+    def prefill(self, prompt: BlockPrompt, rows: torch.Tensor | None = None):
+        """Start `rows` (default: all) on `prompt`: their state reset, the block decoder over their whole blocks
+        into their rows of the cache, their context for the next token block."""
+        model = self.model
+        index = slice(None) if rows is None else rows
+        self.start_rows(index)
+        real = prompt.block_mask.bool()  # (R, F)
+        self.key_valid[index] = False
+        self.key_valid[index, : prompt.blocks] = real
+        self.write_slot[index] = prompt.blocks
+        self.block_position[index] = prompt.whole[:, None]
+        self.forced[index] = prompt.forced
+        self.n_forced[index] = prompt.partial
+        start = model.start_context[None].expand(len(prompt.whole), -1)  # (R, D)
+        if not prompt.blocks:
+            self.context[index] = start
+            return
+        original = model.block_decoder.config._attn_implementation
+        plan = KVPlan(self.block_kv, slice(0, prompt.blocks), prompt.blocks, prefill=original, rows=rows,
+                      write_valid=real)
+        hidden = run_with_plan(
+            model.block_decoder, plan, inputs_embeds=model.embed_blocks(prompt.block_ids),
+            attention_mask=prompt.block_mask, position_ids=(prompt.block_mask.cumsum(1) - 1).clamp(min=0),
+        ).last_hidden_state  # (R, F, D)
+        self.context[index] = torch.where(prompt.whole[:, None] > 0, hidden[:, -1], start).to(self.context.dtype)
+
+    def token_block(self):
+        """The token decoder's L steps from `context`: tokens into `block`, generated ones into `tokens`."""
+        model = self.model
+        r = self.prefix_length
+        embeds = model.prefix_inputs(self.context)  # (B, r, D)
+        for i in range(self.block_length):
+            write = slice(0, r) if i == 0 else slice(r + i - 1, r + i)
+            plan = KVPlan(self.token_kv, write, visible=write.stop, first_query=write.start)
+            logits = run_with_plan(
+                model.token_decoder, plan, inputs_embeds=embeds, position_ids=self.token_positions[i], logits_to_keep=1,
+            ).logits[:, -1]  # (B, V)
+            token = self.emit(logits, given=self.forced[:, i], is_given=i < self.n_forced)  # (B,)
+            self.block[:, i] = token
+            if i + 1 < self.block_length:
+                embeds = model.token_decoder.get_input_embeddings()(token[:, None])  # (B, 1, D)
+        self.n_forced.zero_()  # a row's given tokens come in its first block only
+        self.settle()
+
+    def block_step(self, visible: int):
+        """Embed `block`; one block-decoder step, each row at its `write_slot`, over the first `visible` slots
+        -> `context`. Live rows move on by one slot and position."""
+        model = self.model
+        self.key_valid.scatter_(1, self.write_slot[:, None], True)
+        plan = KVPlan(self.block_kv, self.write_slot, visible, key_valid=self.key_valid[:, :visible])
+        hidden = run_with_plan(
+            model.block_decoder, plan, inputs_embeds=model.embed_blocks(self.block), position_ids=self.block_position,
+        ).last_hidden_state  # (B, 1, D)
+        self.context.copy_(hidden[:, -1])
+        self.write_slot += self.live
+        self.block_position += self.live[:, None]
+
+
+# -- the block model's generate() -------------------------------------------------------------------------
+
+
+@dataclass
+class _ActiveRows:
+    """The eager engine's rows still generating: their index in the batch, tokens so far, whether EOS came."""
+
+    index: torch.Tensor  # (A,)
+    produced: torch.Tensor  # (A,)
+    finished: torch.Tensor  # (A,)
+
+    def select(self, keep: torch.Tensor) -> "_ActiveRows":
+        return _ActiveRows(self.index[keep], self.produced[keep], self.finished[keep])
 
 
 class BlockGenerationMixin:
     """`generate()` with the keyword arguments transformers users know."""
-
-    def _generation_settings(self, generation_config, kwargs) -> GenerationConfig:
-        return generation_settings(self, generation_config, kwargs)
-
-    def _warpers(self, settings: GenerationConfig) -> LogitsProcessorList:
-        return make_warpers(settings)
 
     @torch.no_grad()
     def generate(
@@ -503,88 +856,62 @@ class BlockGenerationMixin:
         """
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-        settings = self._generation_settings(generation_config, kwargs)
-        batch, length = input_ids.shape
-        device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if (attention_mask[:, -1] == 0).any():
-            raise ValueError("generate() needs left padding: every row's last position must be a real token")
-        if streamer is not None and batch > 1:
+        request = GenerationRequest.of(self, input_ids, attention_mask, generation_config, kwargs)
+        if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("a streamer works with batch size 1 only")
         if streamer is not None and engine == "fast":
             raise ValueError("the fast engine does not stream: use engine='eager'")
-        rules = TokenRules.from_settings(settings, length, device)
-        if rules.max_new == 0:
+        if request.rules.max_new == 0:
             return input_ids.clone()
-        prompt = self._lay_out_prompt(input_ids, attention_mask, rules.max_new)
         chosen = engine
         if engine == "auto":
-            chosen = "fast" if device.type == "cuda" and streamer is None else "eager"
+            chosen = "fast" if input_ids.device.type == "cuda" and streamer is None else "eager"
         if chosen == "fast":
             try:
-                return self._generate_fast(input_ids, prompt, rules, cuda_graphs, compile_steps)
+                return torch.cat([input_ids, BlockEngine.new_tokens(self, request, cuda_graphs, compile_steps)], dim=1)
             except Unsupported as error:
                 if engine == "fast":
                     raise
                 warnings.warn(f"fast generation unavailable ({error}); generating eagerly", stacklevel=3)
-        return self._generate_eager(input_ids, prompt, rules, streamer)
+        return torch.cat([input_ids, self._generate_eager(request, streamer)], dim=1)
 
     def release_generation_engine(self) -> None:
         """Free the fast engine's buffers and CUDA graphs kept from the last generate() call."""
-        discard(_ENGINES, self)
-
-    def _lay_out_prompt(self, input_ids, attention_mask, max_new: int) -> _Prompt:
-        length = input_ids.shape[1]
-        device = input_ids.device
-        block_length = self.config.block_length
-        real = attention_mask.sum(1)  # (B,)
-        whole, partial = real // block_length, real % block_length  # (B,), (B,)
-        blocks = int(whole.max())
-
-        # Prompt re-laid in blocks: row b's whole blocks end at block `blocks`; its partial block comes after.
-        first_real = length - real  # (B,)
-        slot = torch.arange(blocks * block_length, device=device)  # (F*L,)
-        k = slot[None] - (blocks - whole)[:, None] * block_length  # (B, F*L) index among the row's real tokens
-        block_ids = input_ids.gather(1, (first_real[:, None] + k.clamp(min=0)).clamp(max=length - 1))
-        inside = torch.arange(block_length, device=device)[None]  # (1, L)
-        k_partial = whole[:, None] * block_length + inside  # (B, L)
-        forced = input_ids.gather(1, (first_real[:, None] + k_partial).clamp(max=length - 1))  # (B, L)
-        block_mask = (torch.arange(blocks, device=device)[None] >= (blocks - whole)[:, None]).long()  # (B, F)
-        steps = -(-(max_new + int(partial.max())) // block_length)
-        return _Prompt(blocks, whole, partial, block_ids, block_mask, forced, steps)
+        release_engine(self)
 
     # -- eager engine -------------------------------------------------------------------------------------
 
-    def _generate_eager(self, input_ids, prompt: _Prompt, rules: TokenRules, streamer) -> torch.LongTensor:
+    def _generate_eager(self, request: GenerationRequest, streamer) -> torch.Tensor:
+        """(B, max_new) tokens with dynamic caches; rows that are done leave the batch between blocks."""
+        input_ids, rules = request.input_ids, request.rules
         batch = input_ids.shape[0]
         device = input_ids.device
+        prompt = BlockPrompt.lay_out(input_ids, request.attention_mask, self.config.block_length, rules.max_new)
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
         # Prefill: the block decoder alone over whole blocks.
-        blocks, whole = prompt.blocks, prompt.whole
         block_mask, forced, n_forced = prompt.block_mask, prompt.forced, prompt.partial
         block_cache = DynamicCache(config=self.config.block_decoder)
-        cache_arg = _cache_argument(self.block_decoder)
+        cache_arg = cache_argument(self.block_decoder)
         start = self.start_context[None].expand(batch, -1)  # (B, D)
         context = start
-        if blocks:
+        if prompt.blocks:
             positions = (block_mask.cumsum(1) - 1).clamp(min=0)
             hidden = self.block_decoder(
                 inputs_embeds=self.embed_blocks(prompt.block_ids), attention_mask=block_mask, position_ids=positions,
                 use_cache=True, **{cache_arg: block_cache},
             ).last_hidden_state  # (B, F, D)
-            context = torch.where(whole[:, None] > 0, hidden[:, -1], start)
+            context = torch.where(prompt.whole[:, None] > 0, hidden[:, -1], start)
 
         rows = _ActiveRows(
             index=torch.arange(batch, device=device),
             produced=torch.zeros(batch, dtype=torch.long, device=device),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
         )
-        output = _Output(torch.full((batch, rules.max_new), rules.pad_id, dtype=torch.long, device=device), rules, streamer)
+        tokens = torch.full((batch, rules.max_new), rules.pad_id, dtype=torch.long, device=device)
         for step in range(prompt.steps):
-            block = self._decode_block(context, forced, n_forced, rows, output)  # (A, L) for A active rows
+            block = self._decode_block(context, forced, n_forced, rows, rules, tokens, streamer)  # (A, L)
             if step == prompt.steps - 1:
                 break
             done = rows.finished | (rows.produced >= rules.max_new)  # (A,)
@@ -605,10 +932,10 @@ class BlockGenerationMixin:
             n_forced = torch.zeros_like(rows.produced)
         if streamer is not None:
             streamer.end()
-        return torch.cat([input_ids, output.tokens], dim=1)
+        return tokens
 
-    def _decode_block(self, context, forced, n_forced, rows: "_ActiveRows", output: "_Output"):
-        """The token decoder's L steps for one block; writes generated tokens into `output.tokens`.
+    def _decode_block(self, context, forced, n_forced, rows: _ActiveRows, rules: TokenRules, tokens, streamer):
+        """The token decoder's L steps for one block; generated tokens go into `tokens` (B, max_new).
 
         context (A, D) for the A active rows; forced (A, L) given tokens, used where position < n_forced (A,).
         Returns the block's tokens (A, L).
@@ -617,7 +944,7 @@ class BlockGenerationMixin:
         block_length, r = self.config.block_length, self.config.prefix_length
         positions = self.window_position_ids(context.device)[None].expand(active, -1)  # (A, r+L-1)
         cache = DynamicCache(config=self.config.token_decoder)
-        cache_arg = _cache_argument(self.token_decoder)
+        cache_arg = cache_argument(self.token_decoder)
         embeds = self.prefix_inputs(context)  # (A, r, D)
         step_positions = positions[:, :r]
         block = []
@@ -626,195 +953,14 @@ class BlockGenerationMixin:
                 inputs_embeds=embeds, position_ids=step_positions, use_cache=True, logits_to_keep=1,
                 **{cache_arg: cache},
             ).logits[:, -1]  # (A, V)
-            token = output.choose(logits, rows, forced[:, i], is_given=i < n_forced)  # (A,)
+            chosen = rules.choose(logits, rows.produced, rows.finished, rows=rows.index, batch=tokens.shape[0])
+            is_given = i < n_forced  # (A,)
+            token = torch.where(is_given, forced[:, i], chosen)  # (A,)
+            writes = rules.record(tokens, token, is_given, rows.produced, rows.finished, rows.index)
+            if streamer is not None and bool(writes[0]):
+                streamer.put(token.cpu())
             block.append(token)
             if i + 1 < block_length:
                 embeds = self.token_decoder.get_input_embeddings()(token[:, None])  # (A, 1, D)
                 step_positions = positions[:, r + i : r + i + 1]
         return torch.stack(block, dim=1)
-
-    # -- fast engine --------------------------------------------------------------------------------------
-
-    def _generate_fast(self, input_ids, prompt: _Prompt, rules: TokenRules, cuda_graphs: bool,
-                       compile_steps: bool = False) -> torch.LongTensor:
-        batch, device = input_ids.shape[0], input_ids.device
-        key = (batch, prompt.blocks, prompt.steps, rules.key, device, cuda_graphs, compile_steps, parameters_key(self))
-        engine = _ENGINES.get(self)
-        if engine is None or engine.key != key:
-            discard(_ENGINES, self)  # free the old buffers before allocating new ones
-            arguments = (self, key, batch, prompt.blocks, prompt.steps, rules)
-            try:
-                engine = build_engine(_BlockEngine, *arguments, cuda_graphs, compile_steps)
-            except RuntimeError as error:
-                if not (cuda_graphs and capture_failed(error)):
-                    raise
-                warnings.warn(f"CUDA graph capture failed ({error}); running the static steps uncaptured", stacklevel=3)
-                engine = build_engine(_BlockEngine, *arguments, False, compile_steps)
-            _ENGINES[self] = engine
-        try:
-            tokens = engine.generate(prompt, rules)
-        except Exception:
-            discard(_ENGINES, self)
-            raise
-        return torch.cat([input_ids, tokens], dim=1)
-
-
-class _BlockEngine:
-    """Static buffers for one batch shape, and the step functions over them (see the module docstring).
-
-    Slots of the block decoder's cache: [0, F) the prompt's blocks (padding blocks masked), then one a block
-    step, the same layout as the eager engine's cache, so that sliding windows count the same slots.
-    """
-
-    def __init__(self, model, key, batch: int, blocks: int, steps: int, rules: TokenRules, cuda_graphs: bool,
-                 compile_steps: bool = False):
-        self._model = weakref.ref(model)  # `_ENGINES` keeps the engine while the model lives: no strong ref back
-        self.key = key
-        config = model.config
-        self.block_length, self.prefix_length = config.block_length, config.prefix_length
-        device = next(model.parameters()).device
-        self.batch, self.blocks, self.steps, self.rules = batch, blocks, steps, rules
-        self.slots = max(blocks + steps - 1, 1)
-        self.block_kv = StaticKV(config.block_decoder.num_hidden_layers, batch, self.slots)
-        self.token_kv = StaticKV(config.token_decoder.num_hidden_layers, batch, self.prefix_length + self.block_length - 1)
-        dim = model.start_context.shape[0]
-        long = {"dtype": torch.long, "device": device}
-        self.context = torch.zeros(batch, dim, dtype=model.start_context.dtype, device=device)  # (B, D)
-        self.key_valid = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)  # (B, S)
-        self.write_slot = torch.zeros(1, **long)  # the block step's slot
-        self.block_position = torch.zeros(batch, 1, **long)  # (B, 1) the block step's position id
-        self.forced = torch.zeros(batch, self.block_length, **long)  # (B, L)
-        self.n_forced = torch.zeros(batch, **long)  # (B,)
-        self.produced = torch.zeros(batch, **long)  # (B,)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-        self.tokens = torch.zeros(batch, max(rules.max_new, 1), **long)  # (B, max_new)
-        self.block = torch.zeros(batch, self.block_length, **long)  # (B, L) the block just decoded
-        self.done = torch.zeros((), dtype=torch.bool, device=device)
-        window = model.window_position_ids(device)[None].expand(batch, -1)  # (B, r+L-1)
-        r = self.prefix_length
-        self.token_positions = [window[:, :r]] + [window[:, r + i - 1 : r + i] for i in range(1, self.block_length)]
-        self.block_visible = buckets(blocks, steps - 1, self.slots)
-        self.graphs = StepGraphs(device, cuda_graphs, compile_steps)
-        self.graphs.add("token block", self.token_block)
-        for visible in sorted(set(self.block_visible)):
-            self.graphs.add(("block step", visible), functools.partial(self.block_step, visible))
-        self.graphs.capture()
-
-    @property
-    def model(self):
-        return self._model()
-
-    def generate(self, prompt: _Prompt, rules: TokenRules) -> torch.Tensor:
-        """(B, max_new) generated tokens. `rules` has this engine's key; the engine keeps using its own copy,
-        whose tensors the captured graphs read."""
-        self.prefill(prompt)
-        flag = DoneFlag(self.context.device) if len(rules.eos) and rules.min_new < rules.max_new else None
-        for step in range(self.steps):
-            self.graphs.run("token block")
-            if step == self.steps - 1:
-                break
-            self.graphs.run(("block step", self.block_visible[step]))
-            if flag is not None and flag.all_done(self.done):
-                break
-        return self.tokens[:, : rules.max_new].clone()
-
-    def prefill(self, prompt: _Prompt):
-        """Reset every buffer for a new prompt; the block decoder over the prompt's whole blocks."""
-        model = self.model
-        self.key_valid.zero_()
-        self.write_slot.fill_(prompt.blocks)
-        self.block_position.copy_(prompt.whole[:, None])
-        self.forced.copy_(prompt.forced)
-        self.n_forced.copy_(prompt.partial)
-        self.produced.zero_()
-        self.finished.zero_()
-        self.tokens.fill_(self.rules.pad_id)
-        self.done.zero_()
-        start = model.start_context[None].expand(self.batch, -1)  # (B, D)
-        if not prompt.blocks:
-            self.context.copy_(start)
-            return
-        real = prompt.block_mask.bool()
-        self.key_valid[:, : prompt.blocks] = real
-        original = model.block_decoder.config._attn_implementation
-        plan = _Plan(self.block_kv, slice(0, prompt.blocks), prompt.blocks, prefill=original, write_valid=real)
-        with planned(model.block_decoder, plan):
-            hidden = model.block_decoder(
-                inputs_embeds=model.embed_blocks(prompt.block_ids), attention_mask=prompt.block_mask,
-                position_ids=(prompt.block_mask.cumsum(1) - 1).clamp(min=0), use_cache=False,
-            ).last_hidden_state  # (B, F, D)
-        self.context.copy_(torch.where(prompt.whole[:, None] > 0, hidden[:, -1], start))
-
-    def token_block(self):
-        """The token decoder's L steps from `context`: tokens into `block`, generated ones into `tokens`."""
-        model, rules = self.model, self.rules
-        r = self.prefix_length
-        embeds = model.prefix_inputs(self.context)  # (B, r, D)
-        for i in range(self.block_length):
-            write = slice(0, r) if i == 0 else slice(r + i - 1, r + i)
-            plan = _Plan(self.token_kv, write, visible=write.stop, first_query=write.start)
-            with planned(model.token_decoder, plan):
-                logits = model.token_decoder(
-                    inputs_embeds=embeds, position_ids=self.token_positions[i], use_cache=False, logits_to_keep=1,
-                ).logits[:, -1]  # (B, V)
-            chosen = choose_tokens(logits, rules.warpers, rules.eos, rules.min_new, self.produced, self.finished,
-                                   rules.pad_id, sample=rules.sample)
-            is_given = i < self.n_forced  # (B,)
-            token = torch.where(is_given, self.forced[:, i], chosen)  # (B,)
-            rules.record(self.tokens, token, is_given, self.produced, self.finished)
-            self.block[:, i] = token
-            if i + 1 < self.block_length:
-                embeds = model.token_decoder.get_input_embeddings()(token[:, None])  # (B, 1, D)
-        self.n_forced.zero_()  # only the first block has given tokens
-        self.done.copy_((self.finished | (self.produced >= rules.max_new)).all())
-
-    def block_step(self, visible: int):
-        """Embed `block`, one block-decoder step at `write_slot` over the first `visible` slots -> `context`."""
-        model = self.model
-        self.key_valid.index_fill_(1, self.write_slot, True)
-        plan = _Plan(self.block_kv, self.write_slot, visible, key_valid=self.key_valid[:, :visible])
-        with planned(model.block_decoder, plan):
-            hidden = model.block_decoder(
-                inputs_embeds=model.embed_blocks(self.block), position_ids=self.block_position, use_cache=False,
-            ).last_hidden_state  # (B, 1, D)
-        self.context.copy_(hidden[:, -1])
-        self.block_position += 1
-        self.write_slot += 1
-
-
-@dataclass
-class _ActiveRows:
-    """The rows still generating: their index in the batch, tokens generated so far, whether EOS came."""
-
-    index: torch.Tensor  # (A,)
-    produced: torch.Tensor  # (A,)
-    finished: torch.Tensor  # (A,)
-
-    def select(self, keep: torch.Tensor) -> "_ActiveRows":
-        return _ActiveRows(self.index[keep], self.produced[keep], self.finished[keep])
-
-
-@dataclass
-class _Output:
-    """Where the eager engine's generated tokens go (B, max_new), and the rules that pick them."""
-
-    tokens: torch.Tensor
-    rules: TokenRules
-    streamer: object
-
-    def choose(self, logits, rows: _ActiveRows, given, is_given):
-        """Pick the next token of every active row (A,), record the generated ones, update `rows`."""
-        rules = self.rules
-        chosen = choose_tokens(logits, rules.warpers, rules.eos, rules.min_new, rows.produced, rows.finished,
-                               rules.pad_id, rows=(self.tokens.shape[0], rows.index), sample=rules.sample)
-        token = torch.where(is_given, given, chosen)  # (A,)
-        writes = ~is_given & (rows.produced < self.tokens.shape[1])  # (A,)
-        column = rows.produced.clamp(max=self.tokens.shape[1] - 1)
-        current = self.tokens[rows.index, column]
-        self.tokens[rows.index, column] = torch.where(writes, token, current)
-        if self.streamer is not None and bool(writes[0]):
-            self.streamer.put(token.cpu())
-        if len(rules.eos):
-            rows.finished |= writes & torch.isin(token, rules.eos)
-        rows.produced += writes.long()
-        return token
