@@ -14,9 +14,9 @@ so one process accumulates N times as many micro-batches and all runs see the sa
 
 Runs (`--runs`, comma-separated; default all): one, ddp, fsdp, resume (the fsdp run cut back to its
 middle checkpoint and resumed under FSDP and on one GPU; needs fsdp), distill (one, ddp and fsdp with
-`distill.enabled`, teacher = the random-weight vanilla source, `--distill-steps` steps). A call adds to what
-earlier calls measured in OUT_DIR, so the set can be split:
-`--runs one,ddp,fsdp` then `--runs resume,distill`, or run by run (`--runs distill-one,distill-ddp`). Then
+`distill.enabled`, teacher = the random-weight vanilla source, `--distill-steps` steps). Each invocation adds
+to what earlier ones measured in OUT_DIR, so the set can be split: `--runs one,ddp,fsdp` then
+`--runs resume,distill`, or run by run (`--runs distill-one,distill-ddp`). Then
 OUT_DIR holds runs/NAME.jsonl (each run's train log), runs/NAME.json (its summary), multi-gpu.json (the
 comparison) and multi-gpu.png.
 
