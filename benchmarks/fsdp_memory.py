@@ -40,11 +40,11 @@ def parameters(model) -> int:
 
 
 def estimate(name: str, shape: dict, gpus: list[int], seq_len: int, micro_batch: int) -> list[dict]:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    from uptrain.convert import ConvertOptions, build_config
-    from uptrain.modeling_block_transformer import BlockTransformerForCausalLM
-    from uptrain.objective import decoder_layers
+    from uptrain.architectures import decoder_layers
+    from uptrain.models import initial_model
+    from uptrain.recipe import ConvertSection
 
     config = LlamaConfig(**shape)
     n, dim, ffn = config.num_hidden_layers, config.hidden_size, config.intermediate_size
@@ -52,10 +52,9 @@ def estimate(name: str, shape: dict, gpus: list[int], seq_len: int, micro_batch:
     # activation bytes a token keeps per layer: 2 RMSNorms 6 D each (float32 input, bf16 output), attention
     # 8 D + 4 D_kv (projection input, q, k, v, SDPA output, o_proj input), SwiGLU MLP 2 D + 8 F
     per_token_layer = 22 * dim + 4 * kv + 8 * ffn
-    options = ConvertOptions(BLOCK_LENGTH, n // 2, "partition", PREFIX_LENGTH)
+    section = ConvertSection(BLOCK_LENGTH, n // 2, "partition", PREFIX_LENGTH)
     with torch.device("meta"):
-        models = {"vanilla": AutoModelForCausalLM.from_config(config),
-                  "block": BlockTransformerForCausalLM(build_config(config, options, torch.float32))}
+        models = {architecture: initial_model(config, architecture, section) for architecture in ("vanilla", "block")}
     source_params = parameters(models["vanilla"])
     rows = []
     for architecture, model in models.items():

@@ -1,27 +1,27 @@
-"""One GPU against N GPUs with DDP and with FSDP (issue 14): curves, speed, memory, resume, export, distillation.
+"""One GPU against N GPUs with DDP and with FSDP: curves, speed, memory, resume, export, distillation.
 
 Loss curves, tokens/s and peak memory per GPU of the three layouts; an FSDP checkpoint resumed under FSDP
 and on one GPU; the FSDP export loaded on one device; distillation under each layout.
 
 Every run is the real command line: `cli.py train` for one process, `accelerate launch --config_file
 recipes/accelerate/{ddp,fsdp}.yaml --num_processes N cli.py train` for several, on
-`recipes/smollm2-135m-b4.yaml` with a random-weight source of CONFIG_DIR's shape (SmolLM2-135M's config in
-the GPU sessions), its 15/15 conversion, and a prepared token folder (`--data`, default the docstrings that
-training_throughput.py prepares). The global batch is the same in every run, so one process accumulates N
-times as many micro-batches and all runs see the same samples in the same order.
+`recipes/smollm2-135m-b4.yaml` with a random-weight source of CONFIG_DIR's shape (`models.random_source`;
+e.g. SmolLM2-135M's config), converted by each run (15/15), and a prepared token folder (`--data`, default
+the installed docstrings, `corpus.installed_docstring_tokens`). The global batch is the same in every run,
+so one process accumulates N times as many micro-batches and all runs see the same samples in the same order.
 
     python benchmarks/multi_gpu.py CONFIG_DIR WORK_DIR OUT_DIR [--gpus 2] [--steps 40] [--runs one,ddp,fsdp]
 
 Runs (`--runs`, comma-separated; default all): one, ddp, fsdp, resume (the fsdp run cut back to its
 middle checkpoint and resumed under FSDP and on one GPU; needs fsdp), distill (one, ddp and fsdp with
-`distill.enabled`, teacher = the random-weight vanilla source, `--distill-steps` steps). A call adds to what
-earlier calls measured in OUT_DIR (device commands are limited in time), so the set can be split:
-`--runs one,ddp,fsdp` then `--runs resume,distill`, or run by run (`--runs distill-one,distill-ddp`). Then
+`distill.enabled`, teacher = the random-weight vanilla source, `--distill-steps` steps). Each invocation adds
+to what earlier ones measured in OUT_DIR, so the set can be split: `--runs one,ddp,fsdp` then
+`--runs resume,distill`, or run by run (`--runs distill-one,distill-ddp`). Then
 OUT_DIR holds runs/NAME.jsonl (each run's train log), runs/NAME.json (its summary), multi-gpu.json (the
 comparison) and multi-gpu.png.
 
 `--cpu` runs the same pipeline on CPU processes (gloo; FSDP through tests/fsdp_on_cpu.py) to check the
-script without a GPU; give it a tiny CONFIG_DIR and small `--set` sizes.
+script without a GPU; give it a tiny CONFIG_DIR and small `--set` sizes (`convert.block_layers` among them).
 """
 
 import argparse
@@ -35,18 +35,17 @@ import sys
 import time
 from pathlib import Path
 
+from uptrain.corpus import installed_docstring_tokens
+from uptrain.models import random_source
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from training_throughput import RECIPE, setup
-
+RECIPE = REPO / "recipes" / "smollm2-135m-b4.yaml"
 CONFIGS = REPO / "recipes" / "accelerate"
 CLI = REPO / "cli.py"
 FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu.py"
 GROUPS = {"one": ["one"], "ddp": ["ddp"], "fsdp": ["fsdp"], "resume": ["fsdp-resumed-fsdp", "fsdp-resumed-one"],
           "distill": ["distill-one", "distill-ddp", "distill-fsdp"]}
-# a group's runs can be named one by one too, to split a group over calls of limited length
+# a group's runs can be named one by one too, to split a group over several commands
 GROUPS.update({name: [name] for names in list(GROUPS.values()) for name in names})
 SKIP_STEPS = 5  # first steps left out of the throughput median: compilation, allocator warm-up
 
@@ -277,15 +276,16 @@ def main():
     work, out_dir = args.work_dir, args.out_dir
     work.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    source, converted, data = setup(args.config_dir, work, args.data)
+    source = random_source(args.config_dir, work / "source")
+    data = args.data or installed_docstring_tokens(work / "tokens", source)
     resume_at = args.steps // 2
-    base = {"source": converted, "data": data, "micro_batch_size": args.micro_batch_size,
+    base = {"source": source, "data": data, "micro_batch_size": args.micro_batch_size,
                 "global_batch_size": args.global_batch_size, "max_steps": args.steps, "warmup_steps": 5, "lr": 1e-3,
                 "eval_every": resume_at, "eval_windows": 8, "save_every": resume_at, "keep_checkpoints": 2, "log_every": 1,
                 "tracker": "none", "compile_tuning": "false"}  # short runs: tuning's compilation costs more than it saves
     base.update(dict(item.split("=", 1) for item in args.set))
     distill = {**base, "max_steps": args.distill_steps, "eval_every": args.distill_steps,
-               "save_every": args.distill_steps, "distill.enabled": "true", "distill.teacher": source}
+               "save_every": args.distill_steps, "distill.enabled": "true"}  # teacher: the source
 
     wanted = [name for group in args.runs.split(",") for name in GROUPS[group]]
     for name in wanted:

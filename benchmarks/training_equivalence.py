@@ -1,11 +1,12 @@
 """The fast training path against the plain one on a GPU: the same run, two loss curves, one plot.
 
-Runs `cli.py train recipes/smollm2-135m-b4.yaml` twice on the same random-weight source and real text
-(standard-library docstrings, tokenized with the source's tokenizer): the fast path (chunked LM head and
-loss, compiled decoder layers, fused AdamW) and the plain path (full logits, eager layers), bf16 autocast,
-same data order and schedule. Writes each run's log as OUT_DIR/curve-LABELNAME.jsonl, then a JSON summary
-and a PNG over every curve in OUT_DIR, so that runs of two code trees (e.g. the previous commit's, run from
-its own copy with `--label previous-`) land in one comparison.
+Runs `cli.py train recipes/smollm2-135m-b4.yaml` twice on the same random-weight source of CONFIG_DIR's
+shape (`models.random_source`, converted by each run) and real text (the installed docstrings, tokenized with
+the source's tokenizer): the fast path (chunked LM head and loss, compiled, fused AdamW) and the plain path
+(full logits, eager), bf16 autocast, same data order and schedule, the loss logged at every step.
+Writes each run's log as OUT_DIR/curve-LABELNAME.jsonl, then a JSON summary and a PNG over every curve in
+OUT_DIR, so that runs of two code trees (e.g. the previous commit's, run from its own copy with
+`--label previous-`) land in one comparison.
 
     python benchmarks/training_equivalence.py CONFIG_DIR WORK_DIR OUT_DIR [--steps 200] [--paths fast,plain]
 """
@@ -17,11 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from uptrain.corpus import installed_docstring_tokens
+from uptrain.models import random_source
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from training_throughput import RECIPE, setup  # noqa: E402
-
+RECIPE = REPO / "recipes" / "smollm2-135m-b4.yaml"
 PATHS = {"fast": dict(fast_loss="true", compile="true"), "plain": dict(fast_loss="false", compile="false")}
 GLOBAL_BATCH = 32  # sequences of 2048 tokens a step
 LABELS = {"fast": "chunked head + loss, compiled", "plain": "full float32 logits, eager"}
@@ -53,10 +54,12 @@ def main():
     if args.summarise_only:
         return summarise(args.out_dir, GLOBAL_BATCH)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    _, source, data = setup(args.config_dir, args.work_dir, args.data)  # the converted random-weight model
+    source = random_source(args.config_dir, args.work_dir / "source")
+    data = args.data or installed_docstring_tokens(args.work_dir / "tokens", source)
     settings = dict(source=source, data=data, micro_batch_size=16, global_batch_size=GLOBAL_BATCH,
-                    max_steps=args.steps, warmup_steps=20, lr=1e-3, eval_every=50, eval_windows=16, save_every=args.steps, log_every=10,
-                    tracker="none", compile_tuning="false")  # tuning: minutes of compilation, the same function
+                    max_steps=args.steps, warmup_steps=20, lr=1e-3, eval_every=50, eval_windows=16,
+                    save_every=args.steps, log_every=1, tracker="none",
+                    compile_tuning="false")  # tuning: minutes of compilation, the same function
     for name in args.paths.split(","):
         out = args.work_dir / f"curve-{args.label}{name}"
         overrides = {**settings, **PATHS[name], "output_dir": out, "resume": "none"}

@@ -1,15 +1,17 @@
 """Training throughput, MFU and peak memory of the uptraining loop, block and vanilla, variant by variant.
 
 Each variant runs in its own process through the real `Trainer` (recipe overrides on
-`recipes/smollm2-135m-b4.yaml`): load, warm-up steps (compilation happens there), then timed optimizer
-steps, synchronised, median reported. Random weights of the source's shape (speed does not depend on
-the values) and text tokenized with the source's tokenizer. Results are appended to a JSON file after
-each variant, so a run cut short keeps what it measured; `--profile` adds a profiler table (CUDA time
-by op) of one optimizer step of the first variant.
+`recipes/smollm2-135m-b4.yaml`): setup (a block variant converts the source first), warm-up steps
+(compilation happens there), then timed optimizer steps, synchronised, median reported. Random weights of
+the source's shape (`models.random_source`: speed does not depend on the values) and the installed
+docstrings tokenized with the source's tokenizer (`corpus.installed_docstring_tokens`). Results are
+appended to a JSON file after each variant, so a run cut short keeps what it measured; `--profile` adds a
+profiler table (CUDA time by op) of one optimizer step of the first variant.
 
     python benchmarks/training_throughput.py CONFIG_DIR WORK_DIR --output RESULTS.json [--variants a,b]
 
 CONFIG_DIR holds a source model's config.json and tokenizer (e.g. SmolLM2-135M's); nothing is downloaded.
+The recipe's conversion takes 15 block layers: for a smaller shape, pass `--set convert.block_layers=N`.
 """
 
 import argparse
@@ -23,18 +25,18 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from uptrain.corpus import installed_docstring_tokens
+from uptrain.models import random_source
 
-RECIPE = REPO / "recipes" / "smollm2-135m-b4.yaml"
-# name -> recipe overrides. "before" is the loop as it was: full float32 logits, eager layers.
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-b4.yaml"
+# name -> recipe overrides. plain: full float32 logits; fast: the chunked LM head and loss; compile: apply_compile.
 VARIANTS = {
     "block-plain-mb16": dict(architecture="block", fast_loss=False, compile=False, micro_batch_size=16),
     "block-fast-mb16": dict(architecture="block", fast_loss=True, compile=False, micro_batch_size=16),
     "block-fast-compile-mb16": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=16),
     "block-fast-compile-mb32": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=32),
     "block-fast-compile-mb64": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=64),
-    # distillation: the teacher is the random-weight vanilla source, frozen, in bf16
+    # distillation: the teacher is the (random-weight) vanilla source, frozen, in bf16
     "block-distill-compile-mb16": dict(architecture="block", fast_loss=True, compile=True, micro_batch_size=16,
                                        **{"distill.enabled": True}),
     "vanilla-plain-mb16": dict(architecture="vanilla", fast_loss=False, compile=False, micro_batch_size=16),
@@ -43,75 +45,35 @@ VARIANTS = {
 }
 
 
-def docstring_corpus(path: Path) -> Path:
-    """Real English text that any Python install has: the docstrings of its standard library and packages."""
-    import sysconfig
-
-    from uptrain.corpus import source_docstrings
-
-    paths = sysconfig.get_paths()
-    documents = source_docstrings(dict.fromkeys([paths["stdlib"], paths["purelib"]]))
-    path.write_text("\n".join(json.dumps({"text": doc}) for doc in documents) + "\n")
-    return path
-
-
-def setup(config_dir: Path, work: Path, data: Path | None = None) -> tuple[Path, Path, Path]:
-    """(random-weight source folder, its 15/15 conversion, token folder), made once in `work`;
-    `data`: a prepared token folder to use instead of the docstrings."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from uptrain.convert import ConvertOptions, convert
-    from uptrain.data import prepare
-    from uptrain.recipe import load_recipe
-    from uptrain.scratch import train_padding_rows
-
-    source, converted, data = work / "source", work / "converted", data or work / "tokens"
-    tokenizer = AutoTokenizer.from_pretrained(config_dir)
-    if not (source / "config.json").is_file():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
-        train_padding_rows(model)  # as `uptrain train` from scratch: a zero pad row gives NaN gradients (uptrain/scratch.py)
-        model.save_pretrained(source)
-        tokenizer.save_pretrained(source)
-    if not (converted / "config.json").is_file():
-        section = load_recipe(RECIPE).convert
-        block_layers = min(section.block_layers, AutoConfig.from_pretrained(config_dir).num_hidden_layers // 2)
-        convert(str(source), converted, ConvertOptions(section.block_length, block_layers, section.method,
-                                                        section.prefix_length), overwrite=True)
-    if not (data / "manifest.json").is_file():
-        prepare(str(docstring_corpus(work / "corpus.jsonl")), data, tokenizer, val_fraction=0.02, tokenizer_name="source")
-    return source, converted, data
-
-
-def run_variant(name: str, overrides: dict, sources: dict, data: Path, work: Path, warmup: int, steps: int,
+def run_variant(name: str, overrides: dict, source: Path, data: Path, work: Path, warmup: int, steps: int,
                 accumulation: int, profile: bool, extra: list[str]) -> dict:
     from uptrain.flops import peak_flops
     from uptrain.recipe import load_recipe
     from uptrain.train import Trainer
 
     micro = overrides["micro_batch_size"]
-    # kernel tuning off unless --set turns it on: minutes of compilation for a few steps, and the documented
-    # variants were measured without it
-    values = dict(source=sources[overrides["architecture"]], data=data, output_dir=work / f"run-{name}", tracker="none",
-                  global_batch_size=micro * accumulation, max_steps=warmup + steps, warmup_steps=2, compile_tuning=False,
-                  **overrides)
-    if overrides.get("distill.enabled"):
-        values["distill.teacher"] = sources["vanilla"]
+    # kernel tuning off unless --set turns it on: minutes of compilation for a few steps
+    values = dict(source=source, data=data, output_dir=work / f"run-{name}", tracker="none",
+                  global_batch_size=micro * accumulation, max_steps=warmup + steps, warmup_steps=2,
+                  compile_tuning=False, **overrides)
     recipe = load_recipe(RECIPE, [f"{key}={value}" for key, value in values.items()] + extra)
     trainer = Trainer(recipe)
     started = time.perf_counter()
-    trainer.load()
-    load_seconds = time.perf_counter() - started
+    trainer.setup()
+    setup_seconds = time.perf_counter() - started
     trainer.model.train()
     device = trainer.accelerator.device
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for step in range(warmup + steps):  # train_step ends in a host read of the loss: the step is complete
+    for step in range(warmup + steps):
         began = time.perf_counter()
-        losses.append(trainer.train_step(step))
+        metrics = trainer.train_step(step)
+        if cuda:  # the step's last kernels (the optimizer update) run after train_step returns
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
+        losses.append(float(metrics["loss"]))
     timed = times[warmup:]
     tokens = recipe.global_batch_size * recipe.seq_len
     median = statistics.median(timed)
@@ -120,9 +82,11 @@ def run_variant(name: str, overrides: dict, sources: dict, data: Path, work: Pat
         "variant": name, **overrides, "global_batch_size": recipe.global_batch_size,
         "seq_len": recipe.seq_len, "tokens_per_step": tokens, "step_seconds_median": median,
         "step_seconds": timed, "warmup_seconds": times[:warmup], "tokens_per_s": tokens / median,
-        "flops_per_token": trainer.flops_per_token, "mfu": tokens / median * trainer.flops_per_token / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "load_seconds": load_seconds,
-        "first_loss": losses[0], "last_loss": losses[-1], "fast_loss_used": trainer.accelerator.unwrap_model(trainer.model).fast,
+        "flops_per_token": trainer.flops_per_token,
+        "mfu": tokens / median * trainer.flops_per_token / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "setup_seconds": setup_seconds,
+        "first_loss": losses[0], "last_loss": losses[-1],
+        "fast_loss_used": trainer.accelerator.unwrap_model(trainer.model).fast,
     }
     if profile:
         result["profile"] = profile_step(trainer, warmup + steps)
@@ -179,11 +143,11 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    source, converted, data = setup(args.config_dir, args.work_dir, args.data)
-    sources = {"vanilla": source, "block": converted}
+    source = random_source(args.config_dir, args.work_dir / "source")
+    data = args.data or installed_docstring_tokens(args.work_dir / "tokens", source)
     names = args.variants.split(",")
     if args.one:
-        result = run_variant(args.one, VARIANTS[args.one], sources, data, args.work_dir, args.warmup, args.steps,
+        result = run_variant(args.one, VARIANTS[args.one], source, data, args.work_dir, args.warmup, args.steps,
                              args.accumulation, args.profile, args.set)
         print("RESULT " + json.dumps(result))
         return

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from uptrain import architectures
 from uptrain.chunked_loss import ChunkGradient, chunked_head_loss, cross_entropy_chunks
+from uptrain.compiling import apply_compile
 from uptrain.flops import training_flops_per_token
 from uptrain.objective import NextTokenObjective, head_mismatch
 from uptrain.window_attention import use_window_attention
@@ -55,21 +56,25 @@ def test_distillation_fast_equals_plain(tiny_source, converted):
 
 
 def test_compiled_fast_path_equals_plain(tiny_source, converted):
-    """The GPU recipe's path: states of student and teacher each compiled as one graph, the chunk loss and its
-    gradient compiled, against the eager plain path; block and vanilla, with distillation."""
-    _, teacher = tiny_source("llama")
+    """The GPU recipe's path (`apply_compile` with `compile`): decoder stacks compiled whole, the states of
+    student and teacher each compiled as one graph, the chunk loss and its gradient compiled, against the eager
+    plain path; block and vanilla, with distillation."""
+    folder, _ = tiny_source("llama")
+    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # a copy: compiled in place
     student = load_block_model(converted("llama"))
     use_window_attention(student)
     ids = torch.randint(4, 128, (2, 32), generator=torch.Generator().manual_seed(3))
     for model in (student, teacher):
-        settings = dict(teacher=teacher.eval(), distill_weight=0.3, temperature=2.0)
-        plain = gradients(model, NextTokenObjective(model, fast=False, **settings), ids)
-        compiled = gradients(model, NextTokenObjective(model, fast=True, chunk_rows=13, compile_loss=True,
-                                                       compile_states=True, **settings), ids)
+        settings = dict(teacher=teacher, distill_weight=0.3, temperature=2.0)
+        plain = gradients(model, NextTokenObjective(model, fast=False, **settings), ids)  # before any compilation
+        objective = NextTokenObjective(model, fast=True, chunk_rows=13, **settings)
+        apply_compile(objective, compile=True, tuning=False, sharded=False)
+        compiled = gradients(model, objective, ids)
         torch.testing.assert_close(compiled[0], plain[0], rtol=1e-5, atol=0)
         assert compiled[2].keys() == plain[2].keys()
         for name, expected in plain[2].items():
-            torch.testing.assert_close(compiled[2][name], expected, rtol=0, atol=1e-4 * float(expected.abs().max()), msg=name)
+            torch.testing.assert_close(compiled[2][name], expected, rtol=0, atol=1e-4 * float(expected.abs().max()),
+                                       msg=name)
 
 
 def test_soft_capped_logits(tmp_path):

@@ -1,4 +1,6 @@
-"""The uptraining loop: exact resume after SIGKILL, distillation, bad input, NaN (several processes: test_multi_process.py)."""
+"""The uptraining loop: exact resume after SIGKILL, distillation, bad input, NaN.
+
+Several processes: test_multi_process.py."""
 
 import json
 import math
@@ -13,10 +15,10 @@ import torch
 from families import tiny_tokenizer
 from safetensors.torch import load_file
 
+from uptrain.checkpoints import complete_checkpoints, resume_point
 from uptrain.data import prepare
 from uptrain.objective import distillation_loss
 from uptrain.recipe import load_recipe
-from uptrain.train import complete_checkpoints, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
@@ -72,10 +74,14 @@ def losses(out: Path) -> list[float]:
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_source, tiny_data, tmp_path):
+    """Checkpoints are written silently (a tied head saved once, as safetensors expects, without accelerate's
+    warning about removed shared tensors) and a run killed mid-way resumes into exactly the uninterrupted run."""
     source, _ = tiny_source("llama")
     extra = dict(max_steps=40, save_every=5, seq_len=128, micro_batch_size=8, global_batch_size=16)
     straight = run_train(tiny_overrides(source, tiny_data, tmp_path / "straight", **extra))
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
+    _, stderr = straight.communicate(timeout=600)
+    assert straight.returncode == 0, stderr[-2000:]
+    assert "shared tensor" not in stderr, stderr[-2000:]
 
     killed = run_train(tiny_overrides(source, tiny_data, tmp_path / "killed", **extra))
     first = tmp_path / "killed" / "checkpoints" / "step-00000005" / "trainer_state.json"
@@ -89,12 +95,35 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_source, tiny_data
     assert not (tmp_path / "killed" / "final").exists()
 
     resumed = run_train(tiny_overrides(source, tiny_data, tmp_path / "killed", **extra))
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert "shared tensor" not in stderr, stderr[-2000:]
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+
+
+def test_a_tied_head_is_checkpointed_once_and_restored(tiny_source, tiny_data, tmp_path, run_cli):
+    """The checkpoint holds the tied head under one name; loading it gives the head back, still tied."""
+    from safetensors.torch import load_model
+    from transformers import AutoModelForCausalLM
+
+    from uptrain.objective import NextTokenObjective
+
+    source, _ = tiny_source("llama")
+    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, max_steps=2, save_every=2))
+    assert result.exit_code == 0, result.output
+    saved = load_file(tmp_path / "checkpoints" / "step-00000002" / "model.safetensors")
+    assert "model.token_decoder.model.embed_tokens.weight" in saved
+    assert "model.token_decoder.lm_head.weight" not in saved
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", trust_remote_code=True, dtype=torch.float32)
+    # as `accelerator.load_state` reads it
+    load_model(NextTokenObjective(model), tmp_path / "checkpoints" / "step-00000002" / "model.safetensors")
+    head = model.token_decoder.lm_head.weight
+    assert head is model.token_decoder.get_input_embeddings().weight
+    assert torch.equal(head, saved["model.token_decoder.model.embed_tokens.weight"])
 
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
@@ -272,20 +301,19 @@ def test_compiled_decoders_give_the_eager_run(tiny_source, tiny_data, tmp_path, 
 
 
 @pytest.mark.parametrize("compiled, tuning", [(True, False), (True, True), (False, True)])
-def test_compile_tuning_turns_on_inductors_kernel_tuning(compiled, tuning, tiny_source, tiny_data, tmp_path, monkeypatch):
+def test_compile_tuning_turns_on_inductors_kernel_tuning(compiled, tuning, tiny_source, tiny_data, tmp_path):
     """`compile_tuning=true` is inductor's coordinate-descent tuning, set before the first step compiles;
     without `compile` there is nothing to tune."""
     import torch._inductor.config as inductor
 
-    from uptrain.recipe import load_recipe
     from uptrain.train import Trainer
 
-    monkeypatch.setattr(inductor, "coordinate_descent_tuning", False)  # restored after the test
     source, _ = tiny_source("llama")
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(source, tiny_data, tmp_path, compile=str(compiled).lower(),
                                                      compile_tuning=str(tuning).lower()))
-    Trainer(recipe).load()
-    assert inductor.coordinate_descent_tuning is (compiled and tuning)
+    with inductor.patch(coordinate_descent_tuning=False):  # inductor's own patch: restored after the test
+        Trainer(recipe).setup()
+        assert inductor.coordinate_descent_tuning is (compiled and tuning)
 
 
 def test_mfu_is_logged_where_the_card_is_known(tiny_source, tiny_data, tmp_path, run_cli, monkeypatch):
@@ -321,32 +349,12 @@ def test_an_unknown_head_falls_back_to_full_logits(tiny_source, tiny_data, tmp_p
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # trained on full logits, not on a wrong head
 
 
-def test_new_parts_first_keeps_the_source_layers_still(tiny_source, tiny_data, tmp_path, run_cli):
-    """For `new_parts_first` steps only the parts the conversion created move; then everything trains."""
-    source, _ = tiny_source("llama")
-    out = tmp_path / "run"
-    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, out, max_steps=5, save_every=3,
-                                                             new_parts_first=3, warmup_steps=1))
-    assert result.exit_code == 0, result.output
-    converted = {}
-    for path in (out / "converted").glob("*.safetensors"):
-        converted.update(load_file(path))
-    after_freeze = load_file(out / "checkpoints" / "step-00000003" / "model.safetensors")
-    final = final_weights(out)
-    created = ("embedder_projection", "expansion", "start_context")
-    for name, start in converted.items():
-        frozen = after_freeze[f"model.{name}"]
-        if name.startswith(created):
-            assert not torch.equal(frozen, start), name
-        else:
-            assert torch.equal(frozen, start), name
-    moved = [name for name in converted if not name.startswith(created) and not torch.equal(final[name], converted[name])]
-    assert len(moved) > len(converted) // 2
+def test_weight_decay_applies_to_matrices_only(tiny_source):
+    from uptrain.train import param_groups
 
-
-def test_new_parts_first_is_checked(tiny_source, tiny_data, tmp_path, run_cli):
-    source, _ = tiny_source("llama")
-    for extra, message in (({"new_parts_first": 12}, "below the run's steps"),
-                           ({"new_parts_first": 2, "architecture": "vanilla"}, "block uptraining only")):
-        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / "x", **extra))
-        assert result.exit_code != 0 and message in result.output, result.output
+    _, model = tiny_source("llama")
+    groups = param_groups(model, 0.1)
+    assert sorted(group["weight_decay"] for group in groups) == [0.0, 0.1]
+    for group in groups:
+        assert all((p.dim() >= 2) == (group["weight_decay"] > 0) for p in group["params"])
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))

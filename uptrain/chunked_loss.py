@@ -35,18 +35,18 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 class ChunkGradient:
     """(gradient w.r.t. the logits, (loss, reported)) of a chunk loss, for logits and gradient in the head's
-    compute dtype while the loss runs in float32; built once per run, so that the compiled version (one
-    fused kernel for the upcast, softmax, loss, gradient and its downcast, instead of several passes over
-    the chunk's logits) is compiled once, not at every step."""
+    compute dtype while the loss runs in float32. Built once per run, so that `function` can be compiled
+    once (`compiling.apply_compile`: one fused kernel for the upcast, softmax, loss, gradient and its
+    downcast, instead of several passes over the chunk's logits)."""
 
-    def __init__(self, chunk_loss: ChunkLoss, compile: bool = False):
+    def __init__(self, chunk_loss: ChunkLoss):
         gradient = torch.func.grad_and_value(chunk_loss, has_aux=True)
 
         def in_logits_dtype(logits, *row_inputs):  # logits (C, V) -> gradient (C, V), same dtype
             grad, aux = gradient(logits.float(), *row_inputs)
             return grad.to(logits.dtype), aux
 
-        self.function = torch.compile(in_logits_dtype) if compile else in_logits_dtype
+        self.function = in_logits_dtype
 
     def __call__(self, logits, *row_inputs):
         return self.function(logits, *row_inputs)

@@ -2,7 +2,7 @@
 
 Machines that reach only package registries cannot download a dataset from the Hub; the docstrings of
 well-documented standard-library modules are English prose about programming that every Python has.
-Used by the tests and benchmarks (and a candidate default corpus for the quickstart).
+Used by the quickstart, the tests and the training benchmarks.
 """
 
 import importlib
@@ -52,3 +52,24 @@ def source_docstrings(roots, min_chars: int = 200) -> list[str]:
                     if doc and len(doc) > min_chars:
                         documents[doc] = None
     return list(documents)
+
+
+def installed_docstring_tokens(folder: Path, tokenizer_source: Path, val_fraction: float = 0.02) -> Path:
+    """`folder`: a token folder (`uptrain data prepare`) of every docstring of the standard library and the
+    installed packages (`source_docstrings`), tokenized with `tokenizer_source`'s tokenizer; made once.
+    Millions of tokens of English on any machine, for the training benchmarks."""
+    import sysconfig
+
+    from transformers import AutoTokenizer
+
+    from .data import prepare
+
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        paths = sysconfig.get_paths()
+        corpus = folder.with_name(f"{folder.name}-corpus.jsonl")
+        documents = source_docstrings(dict.fromkeys([paths["stdlib"], paths["purelib"]]))
+        corpus.write_text("\n".join(json.dumps({"text": doc}) for doc in documents) + "\n")
+        prepare(str(corpus), folder, AutoTokenizer.from_pretrained(tokenizer_source), val_fraction=val_fraction,
+                tokenizer_name="source")
+    return folder

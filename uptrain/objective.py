@@ -8,11 +8,13 @@ wrap and hook). Two paths compute the same function:
   against, and the fallback for heads the fast path does not know).
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import decoder_layers, decoder_stacks, is_block_model, output_head
+from .architectures import decoder_layers, is_block_model, output_head
 from .chunked_loss import (
     DEFAULT_CHUNK_ROWS,
     ChunkGradient,
@@ -20,6 +22,8 @@ from .chunked_loss import (
     cross_entropy_chunks,
     distillation_chunks,
 )
+
+HEAD_CHECK_TOLERANCE = 1e-3  # relative: the fast loss must rebuild the model's own logits in float32
 
 
 def next_token_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -37,7 +41,8 @@ def distillation_loss(student, teacher, labels, weight: float, temperature: floa
     ce = F.cross_entropy(student[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1))
     log_student = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
-    kl = F.kl_div(log_student.reshape(-1, vocab), log_teacher.reshape(-1, vocab), log_target=True, reduction="batchmean")
+    kl = F.kl_div(log_student.reshape(-1, vocab), log_teacher.reshape(-1, vocab), log_target=True,
+                  reduction="batchmean")
     return (1 - weight) * ce + weight * temperature**2 * kl, ce
 
 
@@ -49,12 +54,7 @@ class NextTokenObjective(nn.Module):
     """
 
     def __init__(self, model: nn.Module, fast: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                 teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 1.0,
-                 compile_loss: bool = False, compile_states: bool = False):
-        """compile_loss: the chunk loss and its gradient as one compiled function; compile_states: the fast
-        path's states (student and teacher) as one graph each, from token ids to final states, so that the
-        embeddings, the window gathers and the casts around the decoder stacks fuse with them (not under
-        FSDP, whose per-layer hooks cut graphs anyway; see `compile_decoders`)."""
+                 teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.fast = fast
@@ -68,16 +68,13 @@ class NextTokenObjective(nn.Module):
         else:
             t_weight, t_bias, t_transform = output_head(teacher)
             chunk_loss = distillation_chunks(t_weight, t_bias, distill_weight, temperature, transform, t_transform)
-        self.chunk_gradient = ChunkGradient(chunk_loss, compile=compile_loss)
-        self.student_rows, self.teacher_rows = self._student_rows, self._teacher_rows
-        if compile_states:
-            self.student_rows, self.teacher_rows = torch.compile(self._student_rows), torch.compile(self._teacher_rows)
+        self.chunk_gradient = ChunkGradient(chunk_loss)
 
-    def _student_rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def student_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B*(T-1), D) final states of the model, one row per predicted token."""
         return next_token_states(self.model, ids).flatten(0, 1)
 
-    def _teacher_rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def teacher_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B*(T-1), D) final states of the teacher, without gradients."""
         with torch.no_grad():
             return next_token_states(self.teacher, ids).flatten(0, 1)
@@ -135,12 +132,15 @@ def head_mismatch(model: nn.Module, ids: torch.Tensor) -> float:
     return float((rebuilt - logits).abs().max() / logits.abs().max().clamp(min=1e-6))
 
 
-def compile_decoders(model: nn.Module) -> None:
-    """torch.compile each decoder stack in place (parameter names unchanged): one graph per stack.
-
-    Not layer by layer: on an H100 that left thousands of eager kernels a step (each layer's own
-    `layer_idx` makes dynamo recompile per layer, past its recompile limit), while whole stacks ran
-    1.7x faster (docs/training-throughput.md). These graphs serve evaluation, the plain path and FSDP; the
-    fast path's `compile_states` graph (ids to states) traces through them as one graph, 1.37x faster again."""
-    for stack in decoder_stacks(model):
-        stack.compile()
+def fast_loss_fits(models: dict[str, nn.Module | None], ids: torch.Tensor) -> bool:
+    """Whether final states through the LM head give each model's own logits on a sample (B, T) ids, within
+    HEAD_CHECK_TOLERANCE; warns, naming the model, where they do not."""
+    for name, model in models.items():
+        if model is None:
+            continue
+        mismatch = head_mismatch(model, ids)
+        if not mismatch <= HEAD_CHECK_TOLERANCE:
+            warnings.warn(f"fast_loss is off: the {name}'s final states through its LM head differ from its logits "
+                          f"by {mismatch:.1e} (relative), a head block-uptrain does not know; training on full logits")
+            return False
+    return True

@@ -65,9 +65,8 @@ class Recipe:
     resume: str = "auto"  # auto | none | a checkpoint folder
     tracker: str = "tensorboard"
     fast_loss: bool = True  # LM head + loss in row chunks, never the full logits (false: the plain path)
-    compile: bool = False  # torch.compile the model, ids to final states, and the chunk loss (worth it on a GPU; 1-2 minutes)
-    compile_tuning: bool = False  # with compile: inductor tunes its GPU kernels' block sizes (+4% on an H100; ~5 more minutes)
-    new_parts_first: int = 0  # block uptraining: steps during which only the embedder, expansion and start context learn
+    compile: bool = False  # torch.compile the model, ids to final states, and the chunk loss (compiling.apply_compile)
+    compile_tuning: bool = False  # with compile: inductor tunes its GPU kernels' block sizes (minutes more compilation)
     distill: DistillSection = field(default_factory=DistillSection)
 
     def total_steps(self) -> int:
@@ -148,10 +147,6 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError("recipe key 'global_batch_size' must be a multiple of 'micro_batch_size'")
     if len(recipe.betas) != 2:
         raise UserError("recipe key 'betas' must have two values")
-    if recipe.new_parts_first and recipe.architecture != "block":
-        raise UserError("recipe key 'new_parts_first' applies to block uptraining only (a vanilla model has no new parts)")
-    if not 0 <= recipe.new_parts_first < recipe.total_steps():
-        raise UserError("recipe key 'new_parts_first' must be at least 0 and below the run's steps")
     for key in ("seq_len", "micro_batch_size", "global_batch_size", "eval_every", "save_every", "log_every"):
         if getattr(recipe, key) < 1:
             raise UserError(f"recipe key '{key}' must be at least 1")

@@ -6,7 +6,7 @@ real token. A sequence that starts with it gives position 0 a hidden state of ex
 attending only to itself returns its own zero value, and the MLP of zero is zero. The backward pass of each
 RMSNorm at a zero input multiplies the gradient by 1/sqrt(eps) (316 at eps 1e-5), so over SmolLM2-135M's 30
 layers that position's gradient overflows and every weight's gradient becomes NaN, in float32 too: a vanilla
-run from random weights died at its first such sequence. From scratch, that row is drawn like the others and
+run from random weights stops at its first such sequence. From scratch, that row is drawn like the others and
 trained like the others. (A pretrained model's padding row holds trained values and keeps transformers'
 behaviour.)
 """

@@ -103,8 +103,16 @@ def load_model(source: Source, dtype: str = "auto"):
         raise UserError(f"cannot load the weights of {source.spec}: {first_line(error)}") from None
     if source.gguf_file:  # the weights are dequantized: from here on it is a plain float model
         model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
+        dequantized(model.config)
     return model
+
+
+def dequantized(config):
+    """`config` without its `quantization_config`, for a model of plain float weights: a GGUF source's
+    weights are dequantized on loading, and random weights are floats. transformers refuses `save_pretrained`
+    while the key is there."""
+    config.__dict__.pop("quantization_config", None)
+    return config
 
 
 def load_tokenizer(source: Source, trust_remote_code: bool = False):

@@ -2,8 +2,8 @@
 
 A Block Transformer's token decoder attends within windows of r + L - 1 positions (5 by default), tens of
 thousands of windows a micro-batch. SDPA's kernels are built for long sequences and batched matmuls for
-larger matrices: on an H100 they took a quarter and an eighth of a training step. Written as broadcast
-products and sums, a compiled decoder fuses the attention into a few kernels (docs/training-throughput.md).
+larger matrices; written as broadcast products and sums, a compiled decoder fuses the attention into a few
+kernels (docs/training-throughput.md has the measurements). `compiling.apply_compile` switches it on.
 """
 
 import torch

@@ -46,7 +46,6 @@ SETUPS = {
         "block-scratch": (RECIPES / "block-scratch.yaml", {}, "scratch"),
         "uptrain-ce": (RECIPES / "uptrain.yaml", {}, "vanilla"),
         "uptrain-distill": (RECIPES / "uptrain.yaml", {"distill.enabled": "true"}, "vanilla"),
-        "uptrain-new-parts-first": (RECIPES / "uptrain.yaml", {"new_parts_first": 12}, "vanilla"),
         "uptrain-skip": (RECIPES / "uptrain.yaml", {"convert.method": "skip"}, "vanilla"),
         "vanilla-continued": (RECIPES / "uptrain.yaml", {"architecture": "vanilla"}, "vanilla"),  # the same N/10 steps
     },
