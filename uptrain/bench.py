@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import is_block_folder, is_block_model
-from .errors import UserError, first_line
+from .architectures import is_block_model
+from .errors import UserError
 from .inference import load_for_inference
-from .sources import DTYPES, load_config, resolve
+from .models import random_model
+from .sources import DTYPES
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}  # (prompt_len, gen_len), the paper's
 ENGINES = ("fast", "eager", "hf")
@@ -110,19 +111,7 @@ def build_model(spec: str, settings: BenchSettings):
     """The model on its device in eval mode: loaded, or (random_init) built from its config alone."""
     if not settings.random_init:
         return load_for_inference(spec, settings.device, settings.dtype)[0]
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if is_block_folder(spec):
-        config = AutoConfig.from_pretrained(spec, trust_remote_code=True)
-    else:
-        config = load_config(resolve(spec))
-        config.__dict__.pop("quantization_config", None)  # a GGUF's: the model is built in float
-    try:
-        with torch.device(settings.device):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=True, dtype=DTYPES[settings.dtype])
-    except (RuntimeError, AssertionError) as error:
-        raise UserError(f"cannot build {spec} on {settings.device!r}: {first_line(error)}") from None
-    return model.eval()
+    return random_model(spec, settings.device, settings.dtype)
 
 
 def generate_function(model, engine: str, compile_steps: bool = False) -> Callable:
