@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from hub_server import HubServer
@@ -23,6 +24,7 @@ def run(args: list[str], endpoint: str, home: Path, **env) -> subprocess.Complet
     return subprocess.run(args, env=environment, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_path):
     published = licensed_source
     local = tmp_path / "local"
@@ -47,9 +49,11 @@ def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_pa
     assert online.keys() == expected.keys() and all(torch.equal(online[k], expected[k]) for k in online)
 
     # the server is gone: the cached snapshot is enough
-    result = run(["uptrain", "convert", "someone/tiny-llama", str(tmp_path / "offline")], hub.url, home, HF_HUB_OFFLINE="1")
+    result = run(["uptrain", "convert", "someone/tiny-llama", str(tmp_path / "offline")], hub.url, home,
+                 HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "offline" / "conversion.json").read_text())["source_fingerprint"]["revision"] == commit
+    conversion = json.loads((tmp_path / "offline" / "conversion.json").read_text())
+    assert conversion["source_fingerprint"]["revision"] == commit
 
 
 LOAD_WITHOUT_TOOLKIT = """
@@ -61,10 +65,12 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("someone/tiny-block", trust_remote_code=True, dtype=torch.float32).eval()
 ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8, 9, 7]])
 with torch.no_grad():
-    torch.save({"logits": model(ids).logits, "generated": model.generate(ids, max_new_tokens=6, do_sample=False)}, sys.argv[1])
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False)
+    torch.save({"logits": model(ids).logits, "generated": generated}, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_a_pushed_model_loads_from_the_hub_without_the_toolkit(converted, run_cli, monkeypatch, tmp_path):
     from conftest import load_block_model
 

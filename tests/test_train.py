@@ -71,6 +71,7 @@ def losses(out: Path) -> list[float]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_source, tiny_data, tmp_path):
     source, _ = tiny_source("llama")
     extra = dict(max_steps=40, save_every=5, seq_len=128, micro_batch_size=8, global_batch_size=16)
@@ -259,6 +260,7 @@ def test_from_scratch(architecture, converted_source, tiny_source, converted, ti
     assert layer_distance(runs["false"], start, name) < 0.3
 
 
+@pytest.mark.slow
 def test_compiled_decoders_give_the_eager_run(tiny_source, tiny_data, tmp_path, run_cli):
     """`compile=true` (the GPU recipe's setting) on the CPU: the same loss curve as the eager loop."""
     source, _ = tiny_source("llama")

@@ -2,7 +2,7 @@
 
 Machines that reach only package registries cannot download a dataset from the Hub; the docstrings of
 well-documented standard-library modules are English prose about programming that every Python has.
-Used by the tests and benchmarks (and a candidate default corpus for the quickstart).
+The quickstart's corpus; the tests and benchmarks use it too.
 """
 
 import importlib
