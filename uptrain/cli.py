@@ -1,4 +1,4 @@
-"""The `uptrain` command line: convert, generate, data prepare, train, eval, quickstart, push, bench."""
+"""The `uptrain` command line: convert, generate, data prepare, train, recipes, eval, quickstart, push, bench."""
 
 import functools
 import sys
