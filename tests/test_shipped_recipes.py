@@ -35,6 +35,10 @@ def test_copy_writes_the_file_and_keeps_an_existing_one(run_cli, tmp_path):
     assert target.read_text() == (RECIPES / "accelerate" / "fsdp.yaml").read_text()
     assert [p.name for p in target.parent.iterdir()] == ["tiny.yaml"]  # nothing half-written beside it
 
+    under_a_file = run_cli("recipes", "copy", "tiny-cpu", target / "x.yaml")
+    assert under_a_file.exit_code == 1 and under_a_file.stderr.count("\n") == 1
+    assert under_a_file.stderr.startswith(f"error: cannot write {target / 'x.yaml'}: ")
+
     unknown = run_cli("recipes", "copy", "tiny", tmp_path / "other.yaml")
     assert unknown.exit_code == 1 and unknown.stderr.count("\n") == 1
     assert unknown.stderr.startswith("error: no shipped recipe 'tiny': choose from ") and "tiny-cpu" in unknown.stderr

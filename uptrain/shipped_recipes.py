@@ -10,7 +10,7 @@ import os
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 ACCELERATE = "accelerate"  # the sub-folder of accelerate configurations (`accelerate launch --config_file`)
 
@@ -73,8 +73,13 @@ def copy(name: str, target: Path, overwrite: bool = False) -> Path:
         raise UserError(f"{target} is a folder: give the file to write, e.g. {target / (Path(name).name + '.yaml')}")
     if target.exists() and not overwrite:
         raise UserError(f"{target} exists: pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(source.read_text())
-    os.replace(partial, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(source.read_text())
+        os.replace(partial, target)
+    except OSError as error:
+        if partial.is_file():
+            partial.unlink()
+        raise UserError(f"cannot write {target}: {first_line(error)}") from None
     return target
