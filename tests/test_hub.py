@@ -15,6 +15,7 @@ from hub_server import HubServer
 from safetensors.torch import load_file
 
 TOKEN = "hf_test_secret_token_1234"
+UPTRAIN = [sys.executable, "-m", "uptrain"]  # the command, in a fresh process
 
 
 def run(args: list[str], endpoint: str, home: Path, **env) -> subprocess.CompletedProcess:
@@ -34,7 +35,7 @@ def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_pa
     with HubServer(TOKEN) as hub:
         hub.add_repo("someone/tiny-llama", published)
         commit = hub.commit_of("someone/tiny-llama")
-        result = run(["uptrain", "convert", "someone/tiny-llama", str(tmp_path / "online")], hub.url, home)
+        result = run([*UPTRAIN, "convert", "someone/tiny-llama", str(tmp_path / "online")], hub.url, home)
         assert result.returncode == 0, result.stderr
         downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
         assert any(path.endswith("/model.safetensors") for path in downloads)
@@ -49,8 +50,8 @@ def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_pa
     assert online.keys() == expected.keys() and all(torch.equal(online[k], expected[k]) for k in online)
 
     # the server is gone: the cached snapshot is enough
-    result = run(["uptrain", "convert", "someone/tiny-llama", str(tmp_path / "offline")], hub.url, home,
-                 HF_HUB_OFFLINE="1")
+    offline = [*UPTRAIN, "convert", "someone/tiny-llama", str(tmp_path / "offline")]
+    result = run(offline, hub.url, home, HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr
     conversion = json.loads((tmp_path / "offline" / "conversion.json").read_text())
     assert conversion["source_fingerprint"]["revision"] == commit
