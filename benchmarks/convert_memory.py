@@ -1,6 +1,6 @@
 """Peak resident memory of `uptrain convert` on a random-weight Llama of over 1 GB on disk.
 
-Writes docs/conversion-memory.md. Target (issue 2): peak RSS under 1.5 x model size + 1 GiB.
+Writes docs/conversion-memory.md. Target: peak RSS under 1.5 x model size + 1 GiB.
 Usage: python benchmarks/convert_memory.py [--workdir DIR]
 """
 
@@ -49,7 +49,7 @@ def main():
     shutil.rmtree(out, ignore_errors=True)
 
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "cli.py"), "convert", str(source), str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "uptrain", "convert", str(source), str(out)], check=True)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
     limit = 1.5 * size + GIB

@@ -1,20 +1,26 @@
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from families import save_tiny_model
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
+from uptrain.cli import app
+from uptrain.default_model import default_model_path
+from uptrain.sources import load_model, load_tokenizer, resolve
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from families import save_tiny_model  # noqa: E402
 
-from cli import app  # noqa: E402
-from uptrain.default_model import default_model_path  # noqa: E402
-from uptrain.sources import load_model, load_tokenizer, resolve  # noqa: E402
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped, and said so, on a machine without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ from transformers import (
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 VOCAB = SPECIALS + list(string.printable)
 COMMON = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-LLAMA_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+LLAMA_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2)
 
 # One entry per family: a config with a quirk the converter must get right.
 FAMILIES = {

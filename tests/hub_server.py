@@ -4,7 +4,8 @@ Uploads: the endpoints `create_repo`, `create_branch` and `upload_folder` use: w
 creation, README.md metadata validation, preupload (every file is declared "regular", so contents travel
 base64-encoded inside the commit, as the Hub does for small files) and the NDJSON commit; they need the
 bearer token. Downloads: HEAD/GET `/{repo}/resolve/{rev}/{path}` with the commit and ETag headers the
-client caches by, model info and file trees, no token. Content lives in memory: `repos[repo_id]["branches"][branch][path] = bytes`.
+client caches by, model info and file trees, no token. Content lives in memory:
+`repos[repo_id]["branches"][branch][path] = bytes`.
 """
 
 import base64
@@ -86,7 +87,8 @@ class HubServer:
 
     def preupload(self, body: dict, repo: str, rev: str):
         self._branch(repo, rev)
-        return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in body["files"]]}
+        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in body["files"]]
+        return 200, {"files": files}
 
     def commit(self, lines: list[dict], repo: str, rev: str):
         files = self._branch(repo, rev)

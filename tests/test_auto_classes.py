@@ -17,6 +17,8 @@ from transformers import AutoTokenizer
 
 from uptrain.convert import ConvertOptions, convert
 
+pytestmark = pytest.mark.slow  # every case runs in a fresh Python process
+
 REPO = Path(__file__).parent.parent
 TEXT = "Hello, block world!"
 
@@ -155,8 +157,8 @@ def test_tokenizer_without_any_argument_does_not_ask(children, folder):
 def test_help_does_not_import_transformers(tmp_path):
     probe = (
         "import runpy, sys\n"
-        "sys.argv = ['cli.py', '--help']\n"
-        "try:\n    runpy.run_path('cli.py', run_name='__main__')\n"
+        "sys.argv = ['uptrain', '--help']\n"
+        "try:\n    runpy.run_module('uptrain', run_name='__main__')\n"
         "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
         "heavy = sorted({name.split('.')[0] for name in sys.modules} & {'transformers', 'torch'})\n"
         "print('uptrain' in sys.modules, heavy)\n"

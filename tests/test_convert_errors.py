@@ -71,7 +71,8 @@ def test_existing_output_needs_overwrite(run_cli, tiny_source, tmp_path):
     (out / "keep.txt").write_text("user data")
     result = run_cli("convert", folder, out)
     assert result.exit_code != 0
-    assert result.stderr.strip().splitlines() == [f"error: output folder {out} is not empty (use --overwrite to replace it)"]
+    message = f"error: output folder {out} is not empty (use --overwrite to replace it)"
+    assert result.stderr.strip().splitlines() == [message]
     assert (out / "keep.txt").read_text() == "user data"
 
     result = run_cli("convert", folder, out, "--overwrite")
@@ -85,15 +86,17 @@ def test_unreachable_hub(run_cli, tmp_path, monkeypatch):
     assert_refused(result, tmp_path / "out", "some-org/not-cached-model")
 
 
+@pytest.mark.slow
 def test_gguf_without_gguf_package(tmp_path):
     """A real process where `import gguf` fails: the message says how to install it, no traceback."""
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF")
-    script = "import sys; sys.modules['gguf'] = None; from cli import app; sys.argv[0] = 'uptrain'; app()"
+    script = "import sys; sys.modules['gguf'] = None; from uptrain.cli import app; sys.argv[0] = 'uptrain'; app()"
     result = subprocess.run(
         [sys.executable, "-c", script, "convert", str(fake), str(tmp_path / "out")],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: reading GGUF files needs the gguf package: pip install 'block-uptrain[gguf]'"]
+    message = "error: reading GGUF files needs the gguf package: pip install 'block-uptrain[gguf]'"
+    assert result.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "out").exists()

@@ -101,6 +101,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_loads_where_toolkit_is_absent(converted, tmp_path):
     """Every family's folder loads through AutoModelForCausalLM with only torch and transformers (contract 1)."""
     jobs = {family: str(converted(family)) for family in FAMILIES}

@@ -360,6 +360,7 @@ def test_loader_errors(tmp_path, tokenizer):
         TokenData(tmp_path / "data", "train")
 
 
+@pytest.mark.slow
 def test_works_without_datasets(tmp_path):
     """Training machines may lack `datasets`: text and JSON-lines corpora and the loader must not need it;
     parquet says what it needs. (A stand-in tokenizer keeps transformers out of the subprocess, which would

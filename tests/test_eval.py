@@ -48,7 +48,8 @@ def test_score_against_float64(tiny_source):
 def test_eval_errors(tiny_source, run_cli, tmp_path):
     source, _ = tiny_source("llama")
     result = run_cli("eval", source, "--data", tmp_path / "missing.txt")
-    assert result.exit_code == 1 and result.stderr.strip().endswith(f"evaluation data not found: {tmp_path / 'missing.txt'}")
+    assert result.exit_code == 1
+    assert result.stderr.strip().endswith(f"evaluation data not found: {tmp_path / 'missing.txt'}")
     short = tmp_path / "short.txt"
     short.write_text("hi")
     result = run_cli("eval", source, "--data", short, "--seq-len", 64)

@@ -301,6 +301,7 @@ def test_vanilla_static_engine_eos_and_min_new_tokens(tiny_source):
         assert torch.equal(generate_static(model, ids, attention_mask=mask, **settings), expected)
 
 
+@pytest.mark.slow
 def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_source, monkeypatch):
     """compile_steps: the step functions through torch.compile give the uncompiled engines' tokens, with EOS
     and left padding, and dynamo traces each whole, without a graph break (a break would split the fused

@@ -55,6 +55,7 @@ def test_distillation_fast_equals_plain(tiny_source, converted):
     assert_same_training_signal(student, ids, teacher=teacher.eval(), distill_weight=0.3, temperature=2.0)
 
 
+@pytest.mark.slow
 def test_compiled_fast_path_equals_plain(tiny_source, converted):
     """The GPU recipe's path (`apply_compile` with `compile`): decoder stacks compiled whole, the states of
     student and teacher each compiled as one graph, the chunk loss and its gradient compiled, against the eager

@@ -13,14 +13,17 @@ def test_generate_streams_one_prompt_and_batches_several(tiny_source, run_cli, t
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     ids = tokenizer("hello wor", return_tensors="pt").input_ids
-    expected = tokenizer.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    expected = tokenizer.decode(generated, skip_special_tokens=True)
     assert result.stdout.strip() == expected.strip()
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first line\n\nsecond\n")
-    result = run_cli("generate", out, "zero", "--file", prompts, "--max-new-tokens", 4, "--temperature", 0.8, "--batch-size", 2)
+    result = run_cli("generate", out, "zero", "--file", prompts, "--max-new-tokens", 4, "--temperature", 0.8,
+                     "--batch-size", 2)
     assert result.exit_code == 0, result.output
-    assert [line for line in result.stdout.splitlines() if line.startswith("### ")] == ["### zero", "### first line", "### second"]
+    headers = [line for line in result.stdout.splitlines() if line.startswith("### ")]
+    assert headers == ["### zero", "### first line", "### second"]
 
     plain = run_cli("generate", source_folder, "hello", "--max-new-tokens", 3)
     assert plain.exit_code == 0, plain.output

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from hub_server import HubServer
 from safetensors.torch import load_file
 
 TOKEN = "hf_test_secret_token_1234"
+UPTRAIN = [sys.executable, "-m", "uptrain"]  # the command, in a fresh process
 
 
 def run(args: list[str], endpoint: str, home: Path, **env) -> subprocess.CompletedProcess:
@@ -23,6 +25,7 @@ def run(args: list[str], endpoint: str, home: Path, **env) -> subprocess.Complet
     return subprocess.run(args, env=environment, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_path):
     published = licensed_source
     local = tmp_path / "local"
@@ -32,7 +35,7 @@ def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_pa
     with HubServer(TOKEN) as hub:
         hub.add_repo("someone/tiny-llama", published)
         commit = hub.commit_of("someone/tiny-llama")
-        result = run(["uptrain", "convert", "someone/tiny-llama", str(tmp_path / "online")], hub.url, home)
+        result = run([*UPTRAIN, "convert", "someone/tiny-llama", str(tmp_path / "online")], hub.url, home)
         assert result.returncode == 0, result.stderr
         downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
         assert any(path.endswith("/model.safetensors") for path in downloads)
@@ -47,9 +50,11 @@ def test_convert_a_hub_model_then_again_offline(licensed_source, run_cli, tmp_pa
     assert online.keys() == expected.keys() and all(torch.equal(online[k], expected[k]) for k in online)
 
     # the server is gone: the cached snapshot is enough
-    result = run(["uptrain", "convert", "someone/tiny-llama", str(tmp_path / "offline")], hub.url, home, HF_HUB_OFFLINE="1")
+    offline = [*UPTRAIN, "convert", "someone/tiny-llama", str(tmp_path / "offline")]
+    result = run(offline, hub.url, home, HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "offline" / "conversion.json").read_text())["source_fingerprint"]["revision"] == commit
+    conversion = json.loads((tmp_path / "offline" / "conversion.json").read_text())
+    assert conversion["source_fingerprint"]["revision"] == commit
 
 
 LOAD_WITHOUT_TOOLKIT = """
@@ -61,10 +66,12 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("someone/tiny-block", trust_remote_code=True, dtype=torch.float32).eval()
 ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8, 9, 7]])
 with torch.no_grad():
-    torch.save({"logits": model(ids).logits, "generated": model.generate(ids, max_new_tokens=6, do_sample=False)}, sys.argv[1])
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False)
+    torch.save({"logits": model(ids).logits, "generated": generated}, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_a_pushed_model_loads_from_the_hub_without_the_toolkit(converted, run_cli, monkeypatch, tmp_path):
     from conftest import load_block_model
 

@@ -103,6 +103,7 @@ def runs(tiny_source, tiny_data, tmp_path_factory, run_cli):  # noqa: F811
     return folders
 
 
+@pytest.mark.slow  # accelerate launches
 def test_ddp_and_fsdp_give_the_single_process_run(runs):
     for one in (runs["one"], runs["one-distill"]):
         assert len(losses(one)) == 8 and losses(one)[-1] < losses(one)[0]
@@ -123,6 +124,7 @@ def test_ddp_and_fsdp_give_the_single_process_run(runs):
     assert len(list(sharded.glob("*.distcp"))) == 2  # FSDP checkpoints: one shard file per process
 
 
+@pytest.mark.slow  # accelerate launches
 def test_fsdp_export_is_the_usual_folder_and_holds_the_trained_weights(runs, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
@@ -141,6 +143,7 @@ def test_fsdp_export_is_the_usual_folder_and_holds_the_trained_weights(runs, tmp
         assert torch.equal(loaded[name], trained_state[name]), name
 
 
+@pytest.mark.slow  # accelerate launches
 def test_an_fsdp_checkpoint_resumes_under_fsdp_and_on_one_process(runs, tiny_source, tiny_data, tmp_path,  # noqa: F811
                                                                    run_cli):
     """The FSDP run cut back to its step-4 checkpoint, resumed (`resume: auto`) under FSDP and on one process."""

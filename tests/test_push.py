@@ -16,7 +16,8 @@ def model_with_license(licensed_source, run_cli, tmp_path):
     """A converted tiny Llama whose source declares a license, evaluated once (eval_results.json)."""
     model = tmp_path / "model"
     assert run_cli("convert", licensed_source, model).exit_code == 0
-    result = run_cli("eval", model, "--data", SAMPLE, "--baseline", licensed_source, "--seq-len", 64, "--max-windows", 4)
+    result = run_cli("eval", model, "--data", SAMPLE, "--baseline", licensed_source, "--seq-len", 64,
+                     "--max-windows", 4)
     assert result.exit_code == 0, result.output
     return model
 
@@ -41,7 +42,8 @@ def test_push_uploads_every_file_and_the_card(model_with_license, hub, run_cli, 
     assert TOKEN not in result.output
 
     received = hub.files("someone/tiny-block")
-    on_disk = {str(p.relative_to(model_with_license)): p.read_bytes() for p in model_with_license.rglob("*") if p.is_file()}
+    on_disk = {str(p.relative_to(model_with_license)): p.read_bytes()
+               for p in model_with_license.rglob("*") if p.is_file()}
     assert received == on_disk  # every file, byte for byte, the card included
     assert {"model.safetensors", "config.json", "modeling_block_transformer.py", "README.md"} <= set(received)
 
@@ -122,7 +124,8 @@ def test_published_files_name_no_local_paths(licensed_source, run_cli, tmp_path)
                                                            save_every=2, eval_every=2))
     assert result.exit_code == 0, result.output
     final = run / "final"
-    result = run_cli("eval", final, "--data", SAMPLE, "--baseline", licensed_source, "--seq-len", 64, "--max-windows", 2)
+    result = run_cli("eval", final, "--data", SAMPLE, "--baseline", licensed_source, "--seq-len", 64,
+                     "--max-windows", 2)
     assert result.exit_code == 0, result.output
     assert run_cli("push", final, "someone/x", "--dry-run").exit_code == 0  # writes the card from the records
 

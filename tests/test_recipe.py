@@ -32,7 +32,8 @@ def test_real_recipe_matches_the_paper_schedule():
 
 def test_overrides_are_dotted_and_typed(tmp_path):
     path = Path(RECIPES[0]).parent / "tiny-cpu.yaml"
-    recipe = load_recipe(path, ["lr=1e-4", "distill.enabled=true", "distill.weight=0.3", "max_steps=7", "betas=[0.8, 0.9]"])
+    overrides = ["lr=1e-4", "distill.enabled=true", "distill.weight=0.3", "max_steps=7", "betas=[0.8, 0.9]"]
+    recipe = load_recipe(path, overrides)
     assert recipe.lr == 1e-4 and recipe.distill.enabled and recipe.distill.weight == 0.3
     assert recipe.max_steps == 7 and recipe.betas == [0.8, 0.9]
     assert load_recipe(path, ["max_steps=", "max_tokens=4096"]).total_steps() == 8  # 4 x 128 tokens a step

@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+pytestmark = pytest.mark.slow  # real weights
+
 SAMPLE = (Path(__file__).parent / "data" / "sample.txt").read_text()
 
 
@@ -25,8 +27,9 @@ def test_convert_default_gguf_and_reload(smollm2, converted_b4):
     out = converted_b4
 
     names = {p.name for p in out.iterdir()}
-    for required in ("config.json", "model.safetensors.index.json", "generation_config.json", "README.md", "conversion.json",
-                     "configuration_block_transformer.py", "modeling_block_transformer.py", "tokenizer.json"):
+    for required in ("config.json", "model.safetensors.index.json", "generation_config.json", "README.md",
+                     "conversion.json", "configuration_block_transformer.py", "modeling_block_transformer.py",
+                     "tokenizer.json"):
         assert required in names
     index = json.loads((out / "model.safetensors.index.json").read_text())  # 540 MB in float32: sharded
     assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*-of-*.safetensors")}

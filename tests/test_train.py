@@ -73,6 +73,7 @@ def losses(out: Path) -> list[float]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_source, tiny_data, tmp_path):
     """Checkpoints are written silently (a tied head saved once, as safetensors expects, without accelerate's
     warning about removed shared tensors) and a run killed mid-way resumes into exactly the uninterrupted run."""
@@ -288,6 +289,7 @@ def test_from_scratch(architecture, converted_source, tiny_source, converted, ti
     assert layer_distance(runs["false"], start, name) < 0.3
 
 
+@pytest.mark.slow
 def test_compiled_decoders_give_the_eager_run(tiny_source, tiny_data, tmp_path, run_cli):
     """`compile=true` (the GPU recipe's setting) on the CPU: the same loss curve as the eager loop."""
     source, _ = tiny_source("llama")

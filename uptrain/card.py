@@ -9,7 +9,7 @@ import yaml
 
 from .records import read_records
 
-# The first line of every card we write; a README.md without it was written by someone else and is kept.
+# The first line of every card block-uptrain writes; a README.md without it was written by someone else and is kept.
 MARKER = "<!-- model card written by block-uptrain; `uptrain push` rewrites it from the records beside it -->"
 
 
@@ -143,7 +143,8 @@ def _perplexity_lines(evaluation: dict) -> list[str]:
     for key, result in evaluation.items():
         if isinstance(result, dict) and "loss" in result:
             name = labels.get(key, "this model" if key == "model" else key)
-            lines.append(f"| {name} | {result['loss']:.4f} | {result['perplexity']:.2f} | {result['bits_per_byte']:.4f} |")
+            figures = f"{result['loss']:.4f} | {result['perplexity']:.2f} | {result['bits_per_byte']:.4f}"
+            lines.append(f"| {name} | {figures} |")
     return lines + [""]
 
 

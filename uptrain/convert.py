@@ -283,7 +283,9 @@ def source_start_context(source: nn.Module, block_layers: int) -> torch.Tensor:
     return residual_state(source, bos, block_layers)
 
 
-def convert(spec: str, out: Path, options: ConvertOptions, gguf_file: str | None = None, overwrite: bool = False) -> Path:
+def convert(
+    spec: str, out: Path, options: ConvertOptions, gguf_file: str | None = None, overwrite: bool = False
+) -> Path:
     """Convert SOURCE into a Block Transformer folder at OUT; returns OUT."""
     out = Path(out)
     check_target(out, overwrite)

@@ -202,7 +202,7 @@ def _source_files(source: str, out: Path | None = None) -> list[Path] | None:
         files = sorted(
             p for p in path.rglob("*")
             if p.suffix.lower() in KINDS and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)  # hidden, or our staging
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)  # hidden, or a staging folder
             and (out is None or out not in p.resolve().parents)  # an earlier output inside the corpus folder
         )
         if not files:
@@ -345,7 +345,8 @@ def check_tokenizer(data_dir: str | Path, tokenizer, model_name: str = "the mode
     ours = {"vocab": len(tokenizer), "EOS id": tokenizer.eos_token_id, "BOS id": tokenizer.bos_token_id}
     theirs = {"vocab": recorded["vocab_size"], "EOS id": recorded.get("eos_token_id"),
               "BOS id": recorded.get("bos_token_id", ours["BOS id"])}  # older manifests recorded no BOS id
-    differences = [f"{key} {theirs[key]} in the data, {ours[key]} in the model" for key in ours if theirs[key] != ours[key]]
+    differences = [f"{key} {theirs[key]} in the data, {ours[key]} in the model"
+                   for key in ours if theirs[key] != ours[key]]
     what = ", ".join(differences) or "same sizes and special ids, different vocabulary entries"
     raise UserError(
         f"{data_dir} was tokenized with another tokenizer ({recorded['name'] or 'unnamed'}) than {model_name}'s "

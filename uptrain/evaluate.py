@@ -75,5 +75,6 @@ def score(model, tokenizer, windows: list[torch.Tensor], batch_size: int = 8, la
 def format_table(results: dict[str, dict]) -> str:
     rows = ["| model | loss | perplexity | bits/byte | tokens |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['loss']:.4f} | {r['perplexity']:,.2f} | {r['bits_per_byte']:.4f} | {r['tokens']:,} |")
+        figures = f"{r['loss']:.4f} | {r['perplexity']:,.2f} | {r['bits_per_byte']:.4f} | {r['tokens']:,}"
+        rows.append(f"| {name} | {figures} |")
     return "\n".join(rows)

@@ -25,7 +25,7 @@ from .architectures import decoder_layers, is_block_model, layers_of, output_hea
 # torch.cuda.get_device_name(); a card not listed gets no MFU figure rather than a wrong one.
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM (the "H100 80GB HBM3" of the GPU machine)
+    ("H100", 989e12),  # SXM ("H100 80GB HBM3")
     ("H200", 989e12),
     ("GH200", 989e12),
     ("A100", 312e12),
@@ -62,7 +62,8 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> dict:
         block_params = sum(matrix_params(layer) for layer in block_layers)
         token_params = sum(matrix_params(layer) for layer in token_layers)
         parts["block_decoder"] = 6 * block_params / length
-        parts["embedder_expansion"] = 6 * (matrix_params(model.embedder_projection) + matrix_params(model.expansion)) / length
+        new_matrices = matrix_params(model.embedder_projection) + matrix_params(model.expansion)
+        parts["embedder_expansion"] = 6 * new_matrices / length
         parts["token_decoder"] = 6 * token_params * window / length
         parts["attention"] = 12 * (
             attention_width(config.block_decoder) * len(block_layers) * (seq_len / length) / length

@@ -196,7 +196,8 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
             inputs_embeds=self.embed_blocks(ids), attention_mask=block_mask, position_ids=block_positions
         ).last_hidden_state  # (B, N, D)
         start = self.start_context.to(hidden.dtype).expand(batch, 1, -1)
-        context = torch.cat([start, hidden if past_end else hidden[:, :-1]], dim=1)  # (B, W, D), context[:, j] serves block j
+        # (B, W, D): context[:, j] serves block j
+        context = torch.cat([start, hidden if past_end else hidden[:, :-1]], dim=1)
         if block_mask is not None:  # a block after padding is a row's first block: it starts from start_context
             after_real = F.pad(block_mask, (1, 0)).bool()[:, : context.shape[1], None]  # (B, W, 1)
             context = torch.where(after_real, context, start)

@@ -1,7 +1,7 @@
 """`uptrain push`: a converted (or uptrained) folder, with its model card, to a Hugging Face Hub repository.
 
 The token comes from `--token`, else from huggingface_hub's own lookup (HF_TOKEN, then a stored login);
-it is passed to the client only and scrubbed from every message we print.
+it is passed to the client only and scrubbed from every message printed.
 """
 
 import json
@@ -128,7 +128,8 @@ def hub_errors(repo_id: str, token: str | None):
 def _is_network_error(error: Exception) -> bool:
     """Connection refused, DNS, timeouts, TLS: whichever HTTP library this huggingface_hub uses (httpx, requests)."""
     names = {kind.__name__ for kind in type(error).__mro__}
-    return isinstance(error, OSError) or bool(names & {"TransportError", "ConnectionError", "Timeout", "TimeoutException"})
+    network = {"TransportError", "ConnectionError", "Timeout", "TimeoutException"}
+    return isinstance(error, OSError) or bool(names & network)
 
 
 def _scrub(text: str, token: str | None) -> str:

@@ -18,10 +18,11 @@ from .export import check_target
 from .inference import load_for_inference
 from .recipe import load_recipe
 from .records import EVALUATION, write_json
+from .shipped_recipes import shipped_file
 from .sources import load_model, load_tokenizer, resolve
 from .train import train
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+RECIPE = "tiny-cpu"  # the shipped recipe it runs
 PROMPT = "The Python standard library"
 
 
@@ -42,14 +43,16 @@ def quickstart(out: Path, overwrite: bool = False, steps: int | None = None) -> 
     overrides = [f"source={gguf}", f"data={data}", f"output_dir={out / 'run'}", "tracker=none", "resume=none"]
     if steps is not None:
         overrides.append(f"max_steps={steps}")
-    recipe = load_recipe(RECIPE, overrides)
+    recipe = load_recipe(shipped_file(RECIPE), overrides)
     facts = train(recipe)
 
     windows = list(TokenData(data, "val").windows(recipe.seq_len, recipe.eval_windows))
+    steps = facts["steps"]
     models = {
         "source (vanilla)": load_model(source_ref).eval(),
         "converted, before uptraining": load_for_inference(str(out / "run" / "converted"), dtype="float32")[0],
-        f"uptrained ({facts['steps']} steps)": load_for_inference(str(out / "run" / "final"), dtype="float32")[0],
+        f"uptrained ({steps} step{'s' if steps != 1 else ''})": load_for_inference(str(out / "run" / "final"),
+                                                                                  dtype="float32")[0],
     }
     results, samples = {}, {}
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -45,7 +45,9 @@ def resolve(spec: str, gguf_file: str | None = None) -> Source:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise UserError(f"source {spec} is a file but not a .gguf file; give a model folder, a hub id or a .gguf file")
+            raise UserError(
+                f"source {spec} is a file but not a .gguf file; give a model folder, a hub id or a .gguf file"
+            )
         return Source(spec, str(path.parent), path.name)
     if path.is_dir():
         if gguf_file:

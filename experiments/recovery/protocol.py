@@ -2,7 +2,7 @@
 
 - small (docs/results.md): vanilla and Block Transformer from scratch for N steps, then the vanilla model
   converted and uptrained for N/10 steps in several ways.
-- smollm2 (issue 12): the real SmolLM2-135M-Instruct (`--source`, default the embedded GGUF) fine-tuned as it
+- smollm2: the real SmolLM2-135M-Instruct (`--source`, default the embedded GGUF) fine-tuned as it
   is (the fair ceiling) and converted and uptrained with the shipped recipe, with distillation, ...; the
   source and its fresh conversion are scored beside them.
 
@@ -20,7 +20,6 @@ go to two GPUs at once (`CUDA_VISIBLE_DEVICES`, one `--stages RUN` each, the sam
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,9 +27,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # the package, installed or not
-RECIPES = REPO / "recipes" / "recovery"
-SMOLLM2_RECIPE = REPO / "recipes" / "smollm2-135m-b4.yaml"
+RECIPES = Path(__file__).resolve().parent / "recipes"
+SMOLLM2_RECIPE = "smollm2-135m-b4"  # the shipped recipe, by name
 
 # The vanilla model: Llama-shape, 512 wide, 8 layers, grouped-query attention, tied embeddings; with the
 # SmolLM2 tokenizer (49,152 ids) 50.3M parameters, half of them the embedding table.
@@ -50,8 +48,8 @@ SETUPS = {
         "vanilla-continued": (RECIPES / "uptrain.yaml", {"architecture": "vanilla"}, "vanilla"),  # the same N/10 steps
     },
     # Budgets (max_steps, batch, warm-up) come from --set, the same for every run, so that the vanilla
-    # fine-tune and the uptrained models see the same tokens. Kernel tuning is off: its ~5 minutes of
-    # compilation outweigh 4% on runs of this length (`--set compile_tuning=true` turns it back on).
+    # fine-tune and the uptrained models see the same tokens. Kernel tuning is off: its minutes of
+    # compilation outweigh its gain on runs of this length (`--set compile_tuning=true` turns it back on).
     "smollm2": {
         "vanilla-finetune": (SMOLLM2_RECIPE, {"architecture": "vanilla", "compile_tuning": "false"}, "source"),
         "uptrain-ce": (SMOLLM2_RECIPE, {"compile_tuning": "false"}, "source"),
@@ -84,7 +82,7 @@ def run(command: list, log: Path) -> None:
 
 
 def uptrain(*args) -> list:
-    return [sys.executable, REPO / "cli.py", *args]
+    return [sys.executable, "-m", "uptrain", *args]
 
 
 def stage_data(work: Path, corpus: Path, tokenizer: str, setup: str) -> None:
@@ -160,7 +158,8 @@ def stage_score(work: Path, setup: str, source: str, corpus: Path, device: str, 
     scores = {}
     for name, path in models(work, setup, source).items():
         model, _ = load_for_inference(path, device, "float32")
-        scores[name] = {split: score(model, tokenizer, w, batch_size=16, label=f"{name} {split}") for split, w in windows.items()}
+        scores[name] = {split: score(model, tokenizer, w, batch_size=16, label=f"{name} {split}")
+                        for split, w in windows.items()}
         print(name, {split: round(s["loss"], 4) for split, s in scores[name].items()}, flush=True)
         del model
     (work / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -205,7 +204,8 @@ def collect(work: Path, out: Path) -> None:
     """Small results into `out`: one archive of logs, scores, tasks, samples and bench reports (no weights)."""
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "recovery-results.tar.gz", "w:gz") as archive:
-        for path in [*sorted((work / "runs").glob("*/train_log.jsonl")), *sorted((work / "runs").glob("*/final/training.json")),
+        for path in [*sorted((work / "runs").glob("*/train_log.jsonl")),
+                     *sorted((work / "runs").glob("*/final/training.json")),
                      *sorted((work / "logs").glob("*.log")), work / "scores.json", work / "samples.json",
                      *sorted((work / "zero-shot").glob("*.json")), *sorted((work / "bench").glob("*"))]:
             if path.is_file():
@@ -215,12 +215,14 @@ def collect(work: Path, out: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path, help="working folder (tokens, runs, scores)")
-    parser.add_argument("--corpus", type=Path, required=True, help="the corpus folder or its .tar.xz archive (experiments/recovery/build_corpus.py)")
+    parser.add_argument("--corpus", type=Path, required=True,
+                        help="the corpus folder or its .tar.xz archive (experiments/recovery/build_corpus.py)")
     parser.add_argument("--setup", choices=sorted(SETUPS), default="small")
     parser.add_argument("--source", default="default", help="smollm2: the pretrained model (any spec convert accepts)")
     parser.add_argument("--tokenizer", help="the data stage's tokenizer, any source spec (default: small, the default "
                         "model's; smollm2, the source's; a tokenizer folder lets data run before the source arrives)")
-    parser.add_argument("--stages", help="comma-separated (default: all of the setup's): data, its runs, " + ", ".join(EXTRA_STAGES))
+    parser.add_argument("--stages", help="comma-separated (default: all of the setup's): data, its runs, "
+                        + ", ".join(EXTRA_STAGES))
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides key=value for every training run")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--score-windows", type=int, default=256, help="held-out and out-of-domain windows per model")
@@ -242,7 +244,8 @@ def main():
         started = time.time()
         print(f"== {stage}", flush=True)
         if stage == "data":
-            stage_data(work, args.corpus, args.tokenizer or ("default" if args.setup == "small" else source), args.setup)
+            tokenizer = args.tokenizer or ("default" if args.setup == "small" else source)
+            stage_data(work, args.corpus, tokenizer, args.setup)
         elif stage == "score":
             stage_score(work, args.setup, source, args.corpus, args.device, args.score_windows, args.score_seq_len)
         elif stage == "zero-shot":

@@ -1,18 +1,12 @@
-"""The corpus builder's cleaners and containers (experiments/recovery/build_corpus.py) on small inputs written
-here in each format's real shape: no download, no network."""
+"""The corpus builder's cleaners and containers (build_corpus.py) on small inputs written here in each format's
+real shape: no download, no network."""
 
 import gzip
-import importlib.util
 import struct
 import zlib
-from pathlib import Path
 
+import build_corpus as bc  # beside this file, on pytest's path
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("build_corpus", REPO / "experiments/recovery/build_corpus.py")
-bc = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bc)
 
 RST = """\
 .. SPDX-License-Identifier: GPL-2.0

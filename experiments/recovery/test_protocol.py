@@ -1,4 +1,4 @@
-"""experiments/recovery/protocol.py's real-model setup, end to end on CPU with a tiny Llama: the source fine-tuned
+"""protocol.py's real-model setup, end to end on CPU with a tiny Llama: the source fine-tuned
 and uptrained on the same tokens, then source, fine-tune, uptrained model and fresh conversion scored on the same
 windows, and greedy samples from each. Real subprocesses of the CLI, real files."""
 
@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+from families import save_tiny_model  # tests/, on pytest's path (pyproject.toml)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 TEXT = (REPO / "tests" / "data" / "sample.txt").read_text()
 TINY = ["seq_len=32", "micro_batch_size=2", "global_batch_size=4", "max_steps=3", "warmup_steps=1", "eval_every=3",
         "eval_windows=2", "save_every=3", "precision=fp32", "compile=false", "fast_loss=false", "tracker=none",
@@ -25,11 +29,13 @@ def make_corpus(folder: Path) -> Path:
     return folder
 
 
-def test_smollm2_setup_fine_tunes_uptrains_and_scores_every_model_on_the_same_windows(tiny_source, tmp_path):
-    source, _ = tiny_source("llama")
+@pytest.mark.slow
+def test_smollm2_setup_fine_tunes_uptrains_and_scores_every_model_on_the_same_windows(tmp_path):
+    source = tmp_path / "source"
+    save_tiny_model("llama", source)
     corpus = make_corpus(tmp_path / "corpus")
     work = tmp_path / "work"
-    command = [sys.executable, REPO / "experiments" / "recovery" / "protocol.py", work, "--corpus", corpus,
+    command = [sys.executable, HERE / "protocol.py", work, "--corpus", corpus,
                "--setup", "smollm2", "--source", source, "--device", "cpu", "--score-windows", "2",
                "--score-seq-len", "32", "--stages", "data,vanilla-finetune,uptrain-ce,score,samples",
                "--set", *TINY, "--out", tmp_path / "out"]
@@ -42,12 +48,14 @@ def test_smollm2_setup_fine_tunes_uptrains_and_scores_every_model_on_the_same_wi
         assert set(splits) == {"heldout", "ood"}
         assert all(0 < split["loss"] < 20 for split in splits.values()), (name, splits)
     # the vanilla fine-tune is the source trained as it is: a vanilla model, not a block one
-    assert json.loads((work / "runs" / "vanilla-finetune" / "final" / "config.json").read_text())["model_type"] == "llama"
+    config = json.loads((work / "runs" / "vanilla-finetune" / "final" / "config.json").read_text())
+    assert config["model_type"] == "llama"
     assert json.loads((work / "runs" / "uptrain-ce" / "final" / "config.json").read_text())["model_type"] != "llama"
     # both runs saw the same tokens
     logs = {name: [json.loads(line) for line in (work / "runs" / name / "train_log.jsonl").read_text().splitlines()]
             for name in ("vanilla-finetune", "uptrain-ce")}
-    assert {name: max(r["step"] for r in records) for name, records in logs.items()} == {"vanilla-finetune": 3, "uptrain-ce": 3}
+    last_steps = {name: max(r["step"] for r in records) for name, records in logs.items()}
+    assert last_steps == {"vanilla-finetune": 3, "uptrain-ce": 3}
     samples = json.loads((work / "samples.json").read_text())
     assert set(samples) == set(scores) and all(len(s) == 4 for s in samples.values())
     assert (tmp_path / "out" / "recovery-results.tar.gz").is_file()
