@@ -37,14 +37,24 @@ import torch
 
 from uptrain.inference import load_for_inference
 
-PROMPTS = ["The history of the Roman Empire", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
-           "The capital of France is", "Photosynthesis is the process by which", "import numpy as np\n",
-           "Dear Sir or Madam,\nI am writing to", "The three laws of thermodynamics"]
+PROMPTS = [
+    "The history of the Roman Empire",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village,",
+    "The capital of France is",
+    "Photosynthesis is the process by which",
+    "import numpy as np\n",
+    "Dear Sir or Madam,\nI am writing to",
+    "The three laws of thermodynamics",
+]
 NEAR_TIE = (0.01, 0.05, 0.1)  # nats: float32 top-2 gaps counted along the reference rows
 VERDICT_NEAR_TIE = 0.5  # nats: the largest float32 gap at which a bf16 first divergence still counts as a near-tie
 DEFAULT_RUNS = "float32/eager,float32/fast,bfloat16/eager,bfloat16/fast"
-ENGINE_OPTIONS = {"eager": {"engine": "eager"}, "fast": {"engine": "fast"},
-                  "compiled": {"engine": "fast", "compile_steps": True}}
+ENGINE_OPTIONS = {
+    "eager": {"engine": "eager"},
+    "fast": {"engine": "fast"},
+    "compiled": {"engine": "fast", "compile_steps": True},
+}
 
 
 def first_divergences(tokens: torch.Tensor, reference: torch.Tensor) -> list[int | None]:
@@ -57,7 +67,7 @@ def row_logits(model, prompt: torch.Tensor, continuation: torch.Tensor) -> torch
     """(new, vocab) float32 logits predicting each continuation token, teacher-forced after the unpadded prompt."""
     sequence = torch.cat([prompt, continuation])[None]
     logits = model(input_ids=sequence).logits[0].float()
-    return logits[len(prompt) - 1: len(prompt) - 1 + len(continuation)]
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(continuation)]
 
 
 def generate_runs(args, runs) -> tuple[dict, dict]:
@@ -69,9 +79,14 @@ def generate_runs(args, runs) -> tuple[dict, dict]:
         batch = left_padded_prompts(tokenizer, args.device)
         for engine in [e for d, e in runs if d == dtype]:
             started = time.perf_counter()
-            out = model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 do_sample=False, **ENGINE_OPTIONS[engine])
-            tokens[(dtype, engine)] = out[:, batch["input_ids"].shape[1]:].cpu()
+            out = model.generate(
+                **batch,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                **ENGINE_OPTIONS[engine],
+            )
+            tokens[(dtype, engine)] = out[:, batch["input_ids"].shape[1] :].cpu()
             seconds[f"{dtype} {engine}"] = round(time.perf_counter() - started, 1)
             model.release_generation_engine()
             print(f"{dtype} {engine}: {seconds[f'{dtype} {engine}']} s", flush=True)
@@ -89,26 +104,40 @@ def left_padded_prompts(tokenizer, device: str):
 
 def gaps_at(logits: list[torch.Tensor], chosen: torch.Tensor, other: torch.Tensor, first: list) -> list[float | None]:
     """Per row, at its first divergence k: logit of `chosen`'s token minus logit of `other`'s, in `logits`."""
-    return [None if k is None else float(logits[r][k, chosen[r, k]] - logits[r][k, other[r, k]]) for r, k in enumerate(first)]
+    return [
+        None if k is None else float(logits[r][k, chosen[r, k]] - logits[r][k, other[r, k]])
+        for r, k in enumerate(first)
+    ]
 
 
 def verdict(report: dict, near_tie: float) -> dict:
     """{"passed", "near_tie", "failures"} of a report: float32 runs must equal float32 eager token for token;
     each bf16 first divergence must sit at a float32 gap of at most `near_tie` nats (either sign: along the
     eager row the other engine's token may be float32's favourite)."""
-    comparisons = [(f"{run} against float32 eager", run.split()[0], result)
-                   for run, result in report["against_float32_eager"].items()]
-    comparisons += [(f"{engine} against eager, {dtype}", dtype, result) for engine in ("fast", "compiled")
-                    for dtype, result in report[f"{engine}_against_eager"].items()]
+    comparisons = [
+        (f"{run} against float32 eager", run.split()[0], result)
+        for run, result in report["against_float32_eager"].items()
+    ]
+    comparisons += [
+        (f"{engine} against eager, {dtype}", dtype, result)
+        for engine in ("fast", "compiled")
+        for dtype, result in report[f"{engine}_against_eager"].items()
+    ]
     failures = []
     for name, dtype, result in comparisons:
-        rows = [(r, k, g) for r, (k, g) in enumerate(zip(result["first_divergence"], result["float32_gap_at_first_divergence"]))
-                if k is not None]
+        rows = [
+            (r, k, g)
+            for r, (k, g) in enumerate(zip(result["first_divergence"], result["float32_gap_at_first_divergence"]))
+            if k is not None
+        ]
         if dtype == "float32":
             failures += [f"{name}: row {r} differs from token {k} on" for r, k, _ in rows]
         else:
-            failures += [f"{name}: row {r} parts at token {k} with a float32 gap of {g:.3f} nats" for r, k, g in rows
-                         if abs(g) > near_tie]
+            failures += [
+                f"{name}: row {r} parts at token {k} with a float32 gap of {g:.3f} nats"
+                for r, k, g in rows
+                if abs(g) > near_tie
+            ]
     return {"passed": not failures, "near_tie": near_tie, "failures": failures}
 
 
@@ -117,13 +146,21 @@ def main():
     parser.add_argument("model")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, help="write the figures here as JSON (and the tokens, after each run, to "
-                                                  "OUT.partial.json)")
-    parser.add_argument("--runs", default=DEFAULT_RUNS,
-                        help=f"DTYPE/ENGINE pairs (engines: {', '.join(ENGINE_OPTIONS)}); float32/eager is the reference")
+    parser.add_argument(
+        "--out", type=Path, help="write the figures here as JSON (and the tokens, after each run, to OUT.partial.json)"
+    )
+    parser.add_argument(
+        "--runs",
+        default=DEFAULT_RUNS,
+        help=f"DTYPE/ENGINE pairs (engines: {', '.join(ENGINE_OPTIONS)}); float32/eager is the reference",
+    )
     parser.add_argument("--tokens", type=Path, help="analyse the tokens of an OUT.partial.json instead of generating")
-    parser.add_argument("--near-tie", type=float, default=VERDICT_NEAR_TIE,
-                        help="nats: the verdict's largest float32 gap at a bf16 first divergence")
+    parser.add_argument(
+        "--near-tie",
+        type=float,
+        default=VERDICT_NEAR_TIE,
+        help="nats: the verdict's largest float32 gap at a bf16 first divergence",
+    )
     args = parser.parse_args()
     if args.tokens:
         saved = json.loads(args.tokens.read_text())
@@ -146,19 +183,29 @@ def main():
     top2 = torch.cat([row.topk(2, dim=-1).values for row in logits])  # (rows x new, 2)
     gaps = top2[:, 0] - top2[:, 1]
     report = {
-        "model": args.model, "device": args.device, "new_tokens": args.new_tokens, "prompts": len(PROMPTS),
+        "model": args.model,
+        "device": args.device,
+        "new_tokens": args.new_tokens,
+        "prompts": len(PROMPTS),
         "tokens_from": str(args.tokens) if args.tokens else None,
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "torch": torch.__version__,
         "teacher_forced_argmax_equals_float32_eager": float(
-            (torch.stack([row.argmax(-1) for row in logits]) == reference).float().mean()),
+            (torch.stack([row.argmax(-1) for row in logits]) == reference).float().mean()
+        ),
         "float32_top2_gap_below": {str(t): float((gaps < t).float().mean()) for t in NEAR_TIE},
-        "seconds": seconds, "against_float32_eager": {}, "fast_against_eager": {}, "compiled_against_eager": {},
+        "seconds": seconds,
+        "against_float32_eager": {},
+        "fast_against_eager": {},
+        "compiled_against_eager": {},
     }
     for (dtype, engine), value in tokens.items():
         first = first_divergences(value, reference)
         report["against_float32_eager"][f"{dtype} {engine}"] = {
-            "token_agreement": float((value == reference).float().mean()), "first_divergence": first,
-            "float32_gap_at_first_divergence": gaps_at(logits, reference, value, first)}
+            "token_agreement": float((value == reference).float().mean()),
+            "first_divergence": first,
+            "float32_gap_at_first_divergence": gaps_at(logits, reference, value, first),
+        }
     for dtype in ("float32", "bfloat16"):
         if (dtype, "eager") not in tokens:
             continue
@@ -169,9 +216,11 @@ def main():
                 other = tokens[(dtype, engine)]
                 first = first_divergences(other, eager)
                 report[f"{engine}_against_eager"][dtype] = {
-                    "token_agreement": float((other == eager).float().mean()), "first_divergence": first,
+                    "token_agreement": float((other == eager).float().mean()),
+                    "first_divergence": first,
                     # along the eager row: float32 logit of eager's token minus that of this engine's token
-                    "float32_gap_at_first_divergence": gaps_at(eager_logits, eager, other, first)}
+                    "float32_gap_at_first_divergence": gaps_at(eager_logits, eager, other, first),
+                }
     report["verdict"] = verdict(report, args.near_tie)
     print(json.dumps(report, indent=1))
     if args.out:

@@ -27,10 +27,26 @@ import torch
 GIB = 2**30
 # Public configs (config.json of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B), written out here.
 SOURCES = {
-    "Llama-3.2-1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-                         "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True},
-    "Llama-3.1-8B": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                         "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False},
+    "Llama-3.2-1B": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+    "Llama-3.1-8B": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
 }
 BLOCK_LENGTH, PREFIX_LENGTH, CHUNK_ROWS = 4, 2, 8192
 
@@ -69,19 +85,27 @@ def estimate(name: str, shape: dict, gpus: list[int], seq_len: int, micro_batch:
             positions = seq_len * (k + (n - k) * (PREFIX_LENGTH + BLOCK_LENGTH - 1)) / BLOCK_LENGTH
         chunk = min(CHUNK_ROWS, micro_batch * (seq_len - 1))
         fixed = {
-            "root_unit": 8 * root, "two_layer_units": 2 * 8 * layer,
+            "root_unit": 8 * root,
+            "two_layer_units": 2 * 8 * layer,
             "activations": micro_batch * positions * per_token_layer,
             "loss_chunk": chunk * config.vocab_size * 16,
         }
         for world in gpus:
             sharded = 16 * total / world
-            rows.append({
-                "source": name, "architecture": architecture, "gpus": world, "parameters": total,
-                "root_parameters": root, "layer_parameters": layer,
-                "sharded_states_gib": sharded / GIB, **{f"{k}_gib": v / GIB for k, v in fixed.items()},
-                "total_gib": (sharded + sum(fixed.values())) / GIB,
-                "teacher_gib": 2 * source_params / GIB,
-            })
+            rows.append(
+                {
+                    "source": name,
+                    "architecture": architecture,
+                    "gpus": world,
+                    "parameters": total,
+                    "root_parameters": root,
+                    "layer_parameters": layer,
+                    "sharded_states_gib": sharded / GIB,
+                    **{f"{k}_gib": v / GIB for k, v in fixed.items()},
+                    "total_gib": (sharded + sum(fixed.values())) / GIB,
+                    "teacher_gib": 2 * source_params / GIB,
+                }
+            )
     return rows
 
 
@@ -93,16 +117,22 @@ def main():
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
     gpus = [int(g) for g in args.gpus.split(",")]
-    rows = [row for name, shape in SOURCES.items() for row in estimate(name, shape, gpus, args.seq_len, args.micro_batch)]
+    rows = [
+        row for name, shape in SOURCES.items() for row in estimate(name, shape, gpus, args.seq_len, args.micro_batch)
+    ]
     print(f"micro-batch {args.micro_batch} x {args.seq_len} tokens; GiB per GPU")
-    print("| source | model | parameters | GPUs | sharded states | root unit | 2 layer units | activations "
-          "| loss chunk | total | + teacher (distillation) |")
+    print(
+        "| source | model | parameters | GPUs | sharded states | root unit | 2 layer units | activations "
+        "| loss chunk | total | + teacher (distillation) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['source']} | {r['architecture']} | {r['parameters'] / 1e9:.3f}B | {r['gpus']} "
-              f"| {r['sharded_states_gib']:.1f} | {r['root_unit_gib']:.1f} | {r['two_layer_units_gib']:.1f} "
-              f"| {r['activations_gib']:.1f} | {r['loss_chunk_gib']:.1f} | **{r['total_gib']:.1f}** "
-              f"| {r['teacher_gib']:.1f} |")
+        print(
+            f"| {r['source']} | {r['architecture']} | {r['parameters'] / 1e9:.3f}B | {r['gpus']} "
+            f"| {r['sharded_states_gib']:.1f} | {r['root_unit_gib']:.1f} | {r['two_layer_units_gib']:.1f} "
+            f"| {r['activations_gib']:.1f} | {r['loss_chunk_gib']:.1f} | **{r['total_gib']:.1f}** "
+            f"| {r['teacher_gib']:.1f} |"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=1)

@@ -34,8 +34,9 @@ weights; converted here in float32). Every JSON records which.
   engine with `--compile`'s compiled steps) where a part names it, each over its batch sizes until memory
   runs short or the part's time budget would be exceeded (a run's time extrapolated from the last two batch
   sizes). The fast engines warm up once (that run builds the buffers and captures the graphs), then 2 timed
-  runs; the eager ones, host-bound and slow, run once with no warm-up (they follow the fast engines in the same process), unless --eager-warmup gives
-  them a warm-up run too: their first run at a large batch can take twice a warmed one (docs/benchmarks.md).
+  runs; the eager ones, host-bound and slow, run once with no warm-up (they follow the fast engines in the same
+  process), unless --eager-warmup gives them a warm-up run too: their first run at a large batch can take
+  twice a warmed one (docs/benchmarks.md).
 - profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
   --profile-batch: the kernel table sorted by device time (--profile-engine compiled: the compiled steps).
 """
@@ -50,23 +51,55 @@ import torch
 from uptrain.bench import BenchSettings, environment, release_engines, sweep
 
 SMOLLM2 = {
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-    "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "rope_theta": 100000.0,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "rope_theta": 100000.0,
 }
 SHAPES = {  # --shape: name -> Llama config fields (SmolLM2-360M: 32 layers, width 960, 15 heads, 5 KV heads)
     "SmolLM2-135M": SMOLLM2,
-    "SmolLM2-360M": {**SMOLLM2, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-                     "num_attention_heads": 15, "num_key_value_heads": 5},
+    "SmolLM2-360M": {
+        **SMOLLM2,
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+    },
 }
 TINY = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "vocab_size": 512, "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
 }
 # Peak dense bf16 FLOP/s and memory bandwidth (bytes/s) of the cards the roofline knows, from the vendors' sheets.
 CARDS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
-ENGINES = [("block", "fast"), ("block", "eager"), ("vanilla", "fast"), ("vanilla", "hf"),
-           ("block", "compiled"), ("vanilla", "compiled")]
+ENGINES = [
+    ("block", "fast"),
+    ("block", "eager"),
+    ("vanilla", "fast"),
+    ("vanilla", "hf"),
+    ("block", "compiled"),
+    ("vanilla", "compiled"),
+]
 DEFAULT_ENGINES = ("fast", "eager", "hf")  # "compiled" (steps through torch.compile) runs when a part names it
 # Batch sizes tried per (scenario, model, engine) on an 80 GB H100; a sweep stops at the first out-of-memory.
 GPU_BATCHES = {
@@ -79,8 +112,13 @@ GPU_BATCHES = {
     ("prefill-heavy", "vanilla", "fast"): [64, 256, 512, 1024],
     ("prefill-heavy", "vanilla", "hf"): [256],
 }
-GPU_BATCHES.update({(scenario, kind, "compiled"): sizes for (scenario, kind, engine), sizes in list(GPU_BATCHES.items())
-                    if engine == "fast"})
+GPU_BATCHES.update(
+    {
+        (scenario, kind, "compiled"): sizes
+        for (scenario, kind, engine), sizes in list(GPU_BATCHES.items())
+        if engine == "fast"
+    }
+)
 SCENARIOS = {"decode-heavy": (128, 2048), "prefill-heavy": (2048, 128)}
 SMOKE_SCENARIOS = {"decode-heavy": (8, 64), "prefill-heavy": (64, 8)}
 
@@ -88,24 +126,48 @@ SMOKE_SCENARIOS = {"decode-heavy": (8, 64), "prefill-heavy": (64, 8)}
 def parse():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="Folder for the part files (JSON, PNG, kernel table).")
-    parser.add_argument("--parts", default="check,decode-heavy,prefill-heavy,profile",
-                        help="Comma-separated: check, decode-heavy, prefill-heavy (or SCENARIO/block, SCENARIO/vanilla, "
-                             "SCENARIO/KIND/ENGINE, e.g. decode-heavy/block/compiled), profile.")
-    parser.add_argument("--smoke", action="store_true", help="Tiny model on the CPU, tiny sizes: checks the script runs.")
+    parser.add_argument(
+        "--parts",
+        default="check,decode-heavy,prefill-heavy,profile",
+        help="Comma-separated: check, decode-heavy, prefill-heavy (or SCENARIO/block, SCENARIO/vanilla, "
+        "SCENARIO/KIND/ENGINE, e.g. decode-heavy/block/compiled), profile.",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="Tiny model on the CPU, tiny sizes: checks the script runs."
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="SmolLM2-135M", help="Model shape (random weights).")
     parser.add_argument("--gguf", type=Path, help="SmolLM2-135M GGUF: real weights (default: random weights).")
     parser.add_argument("--device", default=None, help="Default: cuda if there is one, else cpu.")
-    parser.add_argument("--budget-s", type=float, default=540, help="Skip measurements predicted to end later than this.")
-    parser.add_argument("--eager-warmup", action="store_true",
-                        help="A warm-up run for the eager engines and transformers' generate too (default: none).")
-    parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")],
-                        help="Batch sizes for every throughput part named (default: GPU_BATCHES).")
+    parser.add_argument(
+        "--budget-s", type=float, default=540, help="Skip measurements predicted to end later than this."
+    )
+    parser.add_argument(
+        "--eager-warmup",
+        action="store_true",
+        help="A warm-up run for the eager engines and transformers' generate too (default: none).",
+    )
+    parser.add_argument(
+        "--batches",
+        type=lambda text: [int(b) for b in text.split(",")],
+        help="Batch sizes for every throughput part named (default: GPU_BATCHES).",
+    )
     parser.add_argument("--check-new-tokens", type=int, default=2048)
-    parser.add_argument("--profile-batch", type=int, default=None, help="Default: the best block fast batch measured in this run, else 4096.")
+    parser.add_argument(
+        "--profile-batch",
+        type=int,
+        default=None,
+        help="Default: the best block fast batch measured in this run, else 4096.",
+    )
     parser.add_argument("--profile-new-tokens", type=int, default=256)
-    parser.add_argument("--profile-engine", choices=["fast", "compiled"], default="fast",
-                        help="Which block engine the profile part runs (compiled: steps through torch.compile).")
-    parser.add_argument("--render", type=Path, help="Merge the part files in this folder into results.json, PNGs and summary.md.")
+    parser.add_argument(
+        "--profile-engine",
+        choices=["fast", "compiled"],
+        default="fast",
+        help="Which block engine the profile part runs (compiled: steps through torch.compile).",
+    )
+    parser.add_argument(
+        "--render", type=Path, help="Merge the part files in this folder into results.json, PNGs and summary.md."
+    )
     return parser.parse_args()
 
 
@@ -180,7 +242,11 @@ class Run:
 
             self.converted = Path(tempfile.mkdtemp()) / "b4"
             convert(str(self.args.gguf), self.converted, ConvertOptions(dtype="float32"))
-        return AutoModelForCausalLM.from_pretrained(self.converted, trust_remote_code=True, dtype=dtype).to(self.device).eval()
+        return (
+            AutoModelForCausalLM.from_pretrained(self.converted, trust_remote_code=True, dtype=dtype)
+            .to(self.device)
+            .eval()
+        )
 
     # -- check --------------------------------------------------------------------------------------------
 
@@ -196,7 +262,7 @@ class Run:
             for engine in ("eager", "fast", "compiled"):
                 started = time.perf_counter()
                 options = {"engine": "fast", "compile_steps": True} if engine == "compiled" else {"engine": engine}
-                outputs[engine] = model.generate(ids, attention_mask=mask, **options, **greedy)[:, ids.shape[1]:]
+                outputs[engine] = model.generate(ids, attention_mask=mask, **options, **greedy)[:, ids.shape[1] :]
                 synchronize(self.device)
                 timings[engine] = time.perf_counter() - started
                 model.release_generation_engine()
@@ -209,8 +275,8 @@ class Run:
 
         vanilla = self.model("vanilla", torch.float32)
         short = dict(greedy, max_new_tokens=min(new, 256))
-        expected = vanilla.generate(ids, attention_mask=mask, **short)[:, ids.shape[1]:]
-        fast = generate_static(vanilla, ids, attention_mask=mask, **short)[:, ids.shape[1]:]
+        expected = vanilla.generate(ids, attention_mask=mask, **short)[:, ids.shape[1] :]
+        fast = generate_static(vanilla, ids, attention_mask=mask, **short)[:, ids.shape[1] :]
         release_engines(vanilla)
         report["vanilla float32"] = compare(fast, expected)
         self.log(f"vanilla float32: {report['vanilla float32']}")
@@ -236,10 +302,15 @@ class Run:
                 continue
             fast = engine in ("fast", "compiled")
             settings = BenchSettings(
-                scenario="custom", prompt_len=prompt_len, gen_len=gen_len,
+                scenario="custom",
+                prompt_len=prompt_len,
+                gen_len=gen_len,
                 batch_sizes=[1, 4] if self.args.smoke else self.args.batches or GPU_BATCHES[(scenario, kind, engine)],
-                warmup=1 if fast or self.args.eager_warmup else 0, repeats=2 if fast else 1, device=self.device,
-                dtype="float32" if self.args.smoke else "bfloat16", engine="fast" if fast else engine,
+                warmup=1 if fast or self.args.eager_warmup else 0,
+                repeats=2 if fast else 1,
+                device=self.device,
+                dtype="float32" if self.args.smoke else "bfloat16",
+                engine="fast" if fast else engine,
                 compile=engine == "compiled",
             )
             model = self.model(kind, dtype)
@@ -269,8 +340,14 @@ class Run:
         model = self.model("block", torch.float32 if self.args.smoke else torch.bfloat16)
         ids = torch.randint(0, self.shape["vocab_size"], (batch, prompt_len), device=self.device)
         compiled = self.args.profile_engine == "compiled"
-        arguments = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0, "engine": "fast",
-                     "compile_steps": compiled}
+        arguments = {
+            "max_new_tokens": new,
+            "min_new_tokens": new,
+            "do_sample": False,
+            "pad_token_id": 0,
+            "engine": "fast",
+            "compile_steps": compiled,
+        }
         model.generate(ids, **arguments)  # builds the buffers, compiles and captures the graphs
         synchronize(self.device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
@@ -280,8 +357,10 @@ class Run:
         model.release_generation_engine()
         sort = "cuda_time_total" if self.device.startswith("cuda") else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
-        header = (f"block {self.args.profile_engine} engine, batch {batch}, prompt {prompt_len}, {new} new tokens, "
-                  f"{self.facts.get('gpu', self.device)}, weights {self.weights}\n")
+        header = (
+            f"block {self.args.profile_engine} engine, batch {batch}, prompt {prompt_len}, {new} new tokens, "
+            f"{self.facts.get('gpu', self.device)}, weights {self.weights}\n"
+        )
         suffix = "-compiled" if compiled else ""
         (self.out / f"{self.shape_name}-profile-batch{batch}{suffix}.txt").write_text(header + table + "\n")
         self.log(f"profile at batch {batch} written")
@@ -290,10 +369,14 @@ class Run:
 def describe(result: dict) -> str:
     """One line for the log: a measurement, or why a batch size has none."""
     if "tokens_per_second" not in result:
-        return f"batch {result['batch_size']}: {'out of memory' if result.get('out_of_memory') else result.get('skipped')}"
+        return (
+            f"batch {result['batch_size']}: {'out of memory' if result.get('out_of_memory') else result.get('skipped')}"
+        )
     warmup = f", warm-up {max(result['warmup_seconds']):.0f} s" if result.get("warmup_seconds") else ""
-    return (f"batch {result['batch_size']}: {result['tokens_per_second']:,.0f} tok/s, "
-            f"{(result['peak_memory_bytes'] or 0) / 2**30:.1f} GiB{warmup}")
+    return (
+        f"batch {result['batch_size']}: {result['tokens_per_second']:,.0f} tok/s, "
+        f"{(result['peak_memory_bytes'] or 0) / 2**30:.1f} GiB{warmup}"
+    )
 
 
 def synchronize(device: str):
@@ -307,8 +390,8 @@ def left_padded(lengths, vocab: int, device: str, pad: int = 0):
     ids = torch.full((len(lengths), width), pad)
     mask = torch.zeros_like(ids)
     for row, length in enumerate(lengths):
-        ids[row, width - length:] = torch.randint(3, vocab, (length,), generator=generator)
-        mask[row, width - length:] = 1
+        ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -340,26 +423,41 @@ def roofline(config: dict, kind: str, prompt_len: int, gen_len: int, batch: int,
         return max(batch * flops / peak, (weight_bytes + batch * cache_bytes) / bandwidth)
 
     if kind == "vanilla":
-        seconds = phase(2 * prompt_len * layers * layer + layers * attention * prompt_len**2 / 2 + 2 * vocab * d,
-                        2 * (layers * layer + vocab * d), layers * kv_bytes * prompt_len)
+        seconds = phase(
+            2 * prompt_len * layers * layer + layers * attention * prompt_len**2 / 2 + 2 * vocab * d,
+            2 * (layers * layer + vocab * d),
+            layers * kv_bytes * prompt_len,
+        )
         for step in range(gen_len):
             context = prompt_len + step
-            seconds += phase(2 * (layers * layer + vocab * d) + layers * attention * context,
-                             2 * (layers * layer + vocab * d), layers * kv_bytes * context)
+            seconds += phase(
+                2 * (layers * layer + vocab * d) + layers * attention * context,
+                2 * (layers * layer + vocab * d),
+                layers * kv_bytes * context,
+            )
         return batch * gen_len / seconds
     block_length, prefix = 4, 2
     lower, upper = layers // 2, layers - layers // 2
     extra = block_length * d * d + d * prefix * d  # embedder projection, prefix expansion
     blocks = prompt_len // block_length
-    seconds = phase(2 * blocks * (lower * layer + extra) + lower * attention * blocks**2 / 2,
-                    2 * (lower * layer + extra), lower * kv_bytes * blocks)
+    seconds = phase(
+        2 * blocks * (lower * layer + extra) + lower * attention * blocks**2 / 2,
+        2 * (lower * layer + extra),
+        lower * kv_bytes * blocks,
+    )
     for step in range(gen_len // block_length):
         context = blocks + step
-        seconds += phase(2 * (lower * layer + extra) + lower * attention * context,
-                         2 * (lower * layer + extra), lower * kv_bytes * context)  # block step
+        seconds += phase(
+            2 * (lower * layer + extra) + lower * attention * context,
+            2 * (lower * layer + extra),
+            lower * kv_bytes * context,
+        )  # block step
         window = prefix + block_length - 1
-        seconds += phase(2 * window * upper * layer + upper * attention * window**2 / 2 + 2 * block_length * vocab * d,
-                         block_length * 2 * (upper * layer + vocab * d), upper * kv_bytes * window)  # token steps
+        seconds += phase(
+            2 * window * upper * layer + upper * attention * window**2 / 2 + 2 * block_length * vocab * d,
+            block_length * 2 * (upper * layer + vocab * d),
+            upper * kv_bytes * window,
+        )  # token steps
     return batch * gen_len / seconds
 
 
@@ -376,12 +474,15 @@ def render(folder: Path, merged_json: bool = True) -> str:
         if path.name == "results.json":
             continue
         part = json.loads(path.read_text())
-        shape = merged["shapes"].setdefault(part["shape"], {"config": part["config"], "environment": part["environment"],
-                                                            "scenarios": {}})
+        shape = merged["shapes"].setdefault(
+            part["shape"], {"config": part["config"], "environment": part["environment"], "scenarios": {}}
+        )
         if "passed" in part:
             shape["check"] = part
         elif "scenario" in part:
-            target = shape["scenarios"].setdefault(part["scenario"], {k: part[k] for k in ("prompt_len", "gen_len")} | {"results": {}})
+            target = shape["scenarios"].setdefault(
+                part["scenario"], {k: part[k] for k in ("prompt_len", "gen_len")} | {"results": {}}
+            )
             for label, rows in part["results"].items():  # parts of one label (e.g. two calls' batches) merge by batch
                 by_batch = {r["batch_size"]: r for r in target["results"].get(label, []) + rows}
                 target["results"][label] = [by_batch[b] for b in sorted(by_batch)]
@@ -389,8 +490,12 @@ def render(folder: Path, merged_json: bool = True) -> str:
         card = card_of(shape["environment"])
         for data in shape["scenarios"].values():
             batches = sorted({r["batch_size"] for rows in data["results"].values() for r in rows})
-            data["roofline"] = {kind: {b: roofline(shape["config"], kind, data["prompt_len"], data["gen_len"], b, card)
-                                       for b in batches} for kind in ("block", "vanilla")}
+            data["roofline"] = {
+                kind: {
+                    b: roofline(shape["config"], kind, data["prompt_len"], data["gen_len"], b, card) for b in batches
+                }
+                for kind in ("block", "vanilla")
+            }
     if merged_json:
         (folder / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
     lines = ["# Fast generation", ""]
@@ -399,32 +504,52 @@ def render(folder: Path, merged_json: bool = True) -> str:
         if "check" in shape:
             check = shape["check"]
             lines += ["## Token checks", "", f"passed: {check['passed']}", ""]
-            for key in ("block float32", "block bfloat16", "block compiled float32", "block compiled bfloat16",
-                        "vanilla float32"):
+            for key in (
+                "block float32",
+                "block bfloat16",
+                "block compiled float32",
+                "block compiled bfloat16",
+                "vanilla float32",
+            ):
                 if key not in check:
                     continue
-                lines.append(f"- {key}: identical {check[key]['identical']}, token agreement "
-                             f"{check[key]['token_agreement']:.4f}, first divergence per row {check[key]['first_divergence']}")
+                lines.append(
+                    f"- {key}: identical {check[key]['identical']}, token agreement "
+                    f"{check[key]['token_agreement']:.4f}, first divergence per row {check[key]['first_divergence']}"
+                )
             lines.append("")
         for scenario, data in shape["scenarios"].items():
-            lines += [f"## {name} {scenario}: {data['prompt_len']} -> {data['gen_len']}", "",
-                      "| engine | batch | tokens/s | roofline tokens/s | ms/token | peak GiB | runs (s) |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## {name} {scenario}: {data['prompt_len']} -> {data['gen_len']}",
+                "",
+                "| engine | batch | tokens/s | roofline tokens/s | ms/token | peak GiB | runs (s) |",
+                "|---|---|---|---|---|---|---|",
+            ]
             best = {}
             for label, rows in data["results"].items():
                 for r in rows:
                     if "tokens_per_second" not in r:
-                        lines.append(f"| {label} | {r['batch_size']} | {'out of memory' if r.get('out_of_memory') else r.get('skipped')} | | | | |")
+                        why = "out of memory" if r.get("out_of_memory") else r.get("skipped")
+                        lines.append(f"| {label} | {r['batch_size']} | {why} | | | | |")
                         continue
                     best[label] = max(best.get(label, 0), r["tokens_per_second"])
                     bound = data["roofline"][label.split()[0]][r["batch_size"]]
                     memory = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "n/a"
                     runs = ", ".join(f"{s:.2f}" for s in r["all_seconds"])
-                    lines.append(f"| {label} | {r['batch_size']} | {r['tokens_per_second']:,.0f} | "
-                                 f"{f'{bound:,.0f}' if bound else 'n/a'} | {r['ms_per_token']:.2f} | {memory} | {runs} |")
+                    lines.append(
+                        f"| {label} | {r['batch_size']} | {r['tokens_per_second']:,.0f} | "
+                        f"{f'{bound:,.0f}' if bound else 'n/a'} | {r['ms_per_token']:.2f} | {memory} | {runs} |"
+                    )
             lines.append("")
-            for ours, theirs in (("block fast", "vanilla fast"), ("block fast", "vanilla hf"), ("block fast", "block eager"),
-                                 ("vanilla fast", "vanilla hf"), ("block compiled", "vanilla compiled"),
-                                 ("block compiled", "block fast"), ("vanilla compiled", "vanilla fast")):
+            for ours, theirs in (
+                ("block fast", "vanilla fast"),
+                ("block fast", "vanilla hf"),
+                ("block fast", "block eager"),
+                ("vanilla fast", "vanilla hf"),
+                ("block compiled", "vanilla compiled"),
+                ("block compiled", "block fast"),
+                ("vanilla compiled", "vanilla fast"),
+            ):
                 if ours in best and theirs in best:
                     lines.append(f"- best {ours} / best {theirs}: {best[ours] / best[theirs]:.2f}x")
             lines.append("")
@@ -446,15 +571,27 @@ def draw(title: str, data: dict, facts: dict, path: Path):
     for label, rows in data["results"].items():
         points = [r for r in rows if "tokens_per_second" in r]
         if points:
-            axes.plot([r["batch_size"] for r in points], [r["tokens_per_second"] for r in points], marker="o", label=label)
+            axes.plot(
+                [r["batch_size"] for r in points], [r["tokens_per_second"] for r in points], marker="o", label=label
+            )
     for kind, bounds in data.get("roofline", {}).items():
         points = sorted((int(b), v) for b, v in bounds.items() if v)
         if points:
-            axes.plot(*zip(*points), linestyle="--", color="grey" if kind == "vanilla" else "black", alpha=0.6,
-                      label=f"{kind} roofline")
-    axes.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s",
-             title=f"{title}: {data['prompt_len']} -> {data['gen_len']}\n({facts.get('gpu', facts.get('device'))}, "
-                   f"{facts.get('weights')} weights)")
+            axes.plot(
+                *zip(*points),
+                linestyle="--",
+                color="grey" if kind == "vanilla" else "black",
+                alpha=0.6,
+                label=f"{kind} roofline",
+            )
+    axes.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="generated tokens / s",
+        title=f"{title}: {data['prompt_len']} -> {data['gen_len']}\n({facts.get('gpu', facts.get('device'))}, "
+        f"{facts.get('weights')} weights)",
+    )
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -478,7 +615,9 @@ def main():
             run.check()
         elif part.split("/")[0] in run.scenarios:
             scenario, kind, engine = (part.split("/") + ["", ""])[:3]
-            results = run.scenario(scenario, (kind,) if kind else ("block", "vanilla"), (engine,) if engine else DEFAULT_ENGINES)
+            results = run.scenario(
+                scenario, (kind,) if kind else ("block", "vanilla"), (engine,) if engine else DEFAULT_ENGINES
+            )
             rows = [r for r in results.get("block fast", []) if "tokens_per_second" in r]
             if rows and scenario == "decode-heavy":
                 best_block = max(rows, key=lambda r: r["tokens_per_second"])["batch_size"]

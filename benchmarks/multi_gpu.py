@@ -43,8 +43,13 @@ RECIPE = REPO / "recipes" / "smollm2-135m-b4.yaml"
 CONFIGS = REPO / "recipes" / "accelerate"
 CLI = REPO / "cli.py"
 FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu.py"
-GROUPS = {"one": ["one"], "ddp": ["ddp"], "fsdp": ["fsdp"], "resume": ["fsdp-resumed-fsdp", "fsdp-resumed-one"],
-          "distill": ["distill-one", "distill-ddp", "distill-fsdp"]}
+GROUPS = {
+    "one": ["one"],
+    "ddp": ["ddp"],
+    "fsdp": ["fsdp"],
+    "resume": ["fsdp-resumed-fsdp", "fsdp-resumed-one"],
+    "distill": ["distill-one", "distill-ddp", "distill-fsdp"],
+}
 # a group's runs can be named one by one too, to split a group over several commands
 GROUPS.update({name: [name] for names in list(GROUPS.values()) for name in names})
 SKIP_STEPS = 5  # first steps left out of the throughput median: compilation, allocator warm-up
@@ -70,8 +75,16 @@ def command(layout: str, gpus: int, overrides: dict, cpu: bool) -> tuple[list[st
     if cpu:
         env["ACCELERATE_USE_CPU"] = "true"
         script = FSDP_ON_CPU if layout == "fsdp" else CLI
-    launch = ["accelerate", "launch", "--config_file", str(CONFIGS / f"{layout}.yaml"), "--num_processes", str(gpus),
-              "--main_process_port", str(free_port())]
+    launch = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(CONFIGS / f"{layout}.yaml"),
+        "--num_processes",
+        str(gpus),
+        "--main_process_port",
+        str(free_port()),
+    ]
     return [*launch, str(script), "train", str(RECIPE), *args], env
 
 
@@ -90,11 +103,17 @@ def summarize(name: str, layout: str, processes: int, records: list[dict], secon
     mfu = [r["train/mfu"] for r in timed if "train/mfu" in r]
     memory = [r["train/peak_memory_gib"] for r in records if "train/peak_memory_gib" in r]
     return {
-        "run": name, "layout": layout, "processes": processes, "wall_seconds": seconds, "resumed_at": resumed_at,
-        "steps": [r["step"] for r in records], "loss": [r["train/loss"] for r in records],
+        "run": name,
+        "layout": layout,
+        "processes": processes,
+        "wall_seconds": seconds,
+        "resumed_at": resumed_at,
+        "steps": [r["step"] for r in records],
+        "loss": [r["train/loss"] for r in records],
         "lr": [r["train/lr"] for r in records],
         "val_loss": {r["step"]: r["eval/val_loss"] for r in records if "eval/val_loss" in r},
-        "tokens_per_s_median": rate, "tokens_per_s_per_gpu": rate / processes if rate else None,
+        "tokens_per_s_median": rate,
+        "tokens_per_s_per_gpu": rate / processes if rate else None,
         "step_seconds_median": statistics.median(r["train/step_seconds"] for r in timed) if timed else None,
         "mfu_median": statistics.median(mfu) if mfu else None,
         "peak_memory_gib_per_gpu": max(memory) if memory else None,
@@ -112,8 +131,17 @@ def truncated(out: Path, copy: Path, step: int) -> None:
     (copy / "train_log.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
 
 
-def train(name: str, layout: str, processes: int, overrides: dict, args, work: Path, out_dir: Path,
-          resume_from: Path | None = None, resumed_at: int = 0) -> dict:
+def train(
+    name: str,
+    layout: str,
+    processes: int,
+    overrides: dict,
+    args,
+    work: Path,
+    out_dir: Path,
+    resume_from: Path | None = None,
+    resumed_at: int = 0,
+) -> dict:
     folder = work / name
     if resume_from is not None:
         truncated(resume_from, folder, resumed_at)
@@ -142,8 +170,12 @@ def curve_difference(run: dict, reference: dict, after: int = 0) -> dict | None:
     if not pairs:
         return None
     diffs = [abs(a - b) for a, b in pairs]
-    return {"steps": len(pairs), "max_abs": max(diffs), "mean_abs": statistics.mean(diffs),
-            "max_rel": max(d / abs(b) for d, (_, b) in zip(diffs, pairs))}
+    return {
+        "steps": len(pairs),
+        "max_abs": max(diffs),
+        "mean_abs": statistics.mean(diffs),
+        "max_rel": max(d / abs(b) for d, (_, b) in zip(diffs, pairs)),
+    }
 
 
 def weight_difference(a: Path, b: Path) -> dict:
@@ -159,9 +191,16 @@ def weight_difference(a: Path, b: Path) -> dict:
 
     wa, wb = load(a), load(b)
     same_names = wa.keys() == wb.keys()
-    rel = max(float((wa[n].float() - wb[n].float()).abs().max() / wb[n].float().abs().max().clamp(min=1e-12))
-              for n in wa if n in wb)
-    return {"same_names": same_names, "max_rel": rel, "bitwise": same_names and all(torch.equal(wa[n], wb[n]) for n in wa)}
+    rel = max(
+        float((wa[n].float() - wb[n].float()).abs().max() / wb[n].float().abs().max().clamp(min=1e-12))
+        for n in wa
+        if n in wb
+    )
+    return {
+        "same_names": same_names,
+        "max_rel": rel,
+        "bitwise": same_names and all(torch.equal(wa[n], wb[n]) for n in wa),
+    }
 
 
 def export_check(fsdp: Path, reference: Path, data: Path, seq_len: int, cpu: bool) -> dict:
@@ -186,7 +225,9 @@ def export_check(fsdp: Path, reference: Path, data: Path, seq_len: int, cpu: boo
     for name, folder in (("fsdp", fsdp / "final"), ("one", reference / "final")):
         if not folder.is_dir():
             continue
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).to(device).eval()
+        model = (
+            AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).to(device).eval()
+        )
         if name == "fsdp":
             state = model.state_dict()
             result["names_match_checkpoint"] = state.keys() == trained.keys()
@@ -212,7 +253,16 @@ def plot(results: dict, summary: dict, out: Path) -> None:
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 8))
     curves, differences = axes[0]
-    for name in ("one", "ddp", "fsdp", "fsdp-resumed-fsdp", "fsdp-resumed-one", "distill-one", "distill-ddp", "distill-fsdp"):
+    for name in (
+        "one",
+        "ddp",
+        "fsdp",
+        "fsdp-resumed-fsdp",
+        "fsdp-resumed-one",
+        "distill-one",
+        "distill-ddp",
+        "distill-fsdp",
+    ):
         if name in results:
             run = results[name]
             style = "--" if "resumed" in name else "-." if "distill" in name else "-"
@@ -221,14 +271,25 @@ def plot(results: dict, summary: dict, out: Path) -> None:
     curves.legend(fontsize=8)
     # each run minus its reference, step by step: the layouts against one GPU, the resumed runs against the
     # uninterrupted FSDP run they branch from
-    for name, reference in (("ddp", "one"), ("fsdp", "one"), ("fsdp-resumed-fsdp", "fsdp"), ("fsdp-resumed-one", "fsdp"),
-                            ("distill-ddp", "distill-one"), ("distill-fsdp", "distill-one")):
+    for name, reference in (
+        ("ddp", "one"),
+        ("fsdp", "one"),
+        ("fsdp-resumed-fsdp", "fsdp"),
+        ("fsdp-resumed-one", "fsdp"),
+        ("distill-ddp", "distill-one"),
+        ("distill-fsdp", "distill-one"),
+    ):
         if name in results and reference in results:
             ref = dict(zip(results[reference]["steps"], results[reference]["loss"]))
             steps = [s for s in results[name]["steps"] if s in ref]
             loss = dict(zip(results[name]["steps"], results[name]["loss"]))
-            differences.plot(steps, [loss[s] - ref[s] for s in steps], "--" if "resumed" in name else "-",
-                             label=f"{name} - {reference}", linewidth=1.0)
+            differences.plot(
+                steps,
+                [loss[s] - ref[s] for s in steps],
+                "--" if "resumed" in name else "-",
+                label=f"{name} - {reference}",
+                linewidth=1.0,
+            )
     differences.axhline(0, color="black", linewidth=0.5)
     differences.set(xlabel="optimizer step", ylabel="difference (nats)", title="difference from the reference run")
     differences.legend(fontsize=8)
@@ -258,7 +319,9 @@ def main():
     parser.add_argument("--distill-steps", type=int, default=16)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--global-batch-size", type=int, default=64)
-    parser.add_argument("--runs", default="one,ddp,fsdp,resume,distill", help=f"comma-separated, of {', '.join(GROUPS)}")
+    parser.add_argument(
+        "--runs", default="one,ddp,fsdp,resume,distill", help=f"comma-separated, of {', '.join(GROUPS)}"
+    )
     parser.add_argument("--data", type=Path, help="a prepared token folder (default: docstrings, prepared here)")
     parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides key=value for every run")
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo), to check the script without GPUs")
@@ -279,13 +342,30 @@ def main():
     source = random_source(args.config_dir, work / "source")
     data = args.data or installed_docstring_tokens(work / "tokens", source)
     resume_at = args.steps // 2
-    base = {"source": source, "data": data, "micro_batch_size": args.micro_batch_size,
-                "global_batch_size": args.global_batch_size, "max_steps": args.steps, "warmup_steps": 5, "lr": 1e-3,
-                "eval_every": resume_at, "eval_windows": 8, "save_every": resume_at, "keep_checkpoints": 2, "log_every": 1,
-                "tracker": "none", "compile_tuning": "false"}  # short runs: tuning's compilation costs more than it saves
+    base = {
+        "source": source,
+        "data": data,
+        "micro_batch_size": args.micro_batch_size,
+        "global_batch_size": args.global_batch_size,
+        "max_steps": args.steps,
+        "warmup_steps": 5,
+        "lr": 1e-3,
+        "eval_every": resume_at,
+        "eval_windows": 8,
+        "save_every": resume_at,
+        "keep_checkpoints": 2,
+        "log_every": 1,
+        "tracker": "none",
+        "compile_tuning": "false",
+    }  # short runs: tuning's compilation costs more than it saves
     base.update(dict(item.split("=", 1) for item in args.set))
-    distill = {**base, "max_steps": args.distill_steps, "eval_every": args.distill_steps,
-               "save_every": args.distill_steps, "distill.enabled": "true"}  # teacher: the source
+    distill = {
+        **base,
+        "max_steps": args.distill_steps,
+        "eval_every": args.distill_steps,
+        "save_every": args.distill_steps,
+        "distill.enabled": "true",
+    }  # teacher: the source
 
     wanted = [name for group in args.runs.split(",") for name in GROUPS[group]]
     for name in wanted:
@@ -303,22 +383,41 @@ def main():
     import torch
 
     summary = {
-        "setup": {"gpus": args.gpus, "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
-                  "torch": torch.__version__, "recipe": str(RECIPE.relative_to(REPO)), "overrides": {**base},
-                  "distill_steps": args.distill_steps, "resume_at": resume_at},
-        "runs": {name: {k: v for k, v in run.items() if k not in ("steps", "loss", "lr")} for name, run in results.items()},
-        "curves_vs_one_gpu": {}, "resume": {}, "export": None,
+        "setup": {
+            "gpus": args.gpus,
+            "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "recipe": str(RECIPE.relative_to(REPO)),
+            "overrides": {**base},
+            "distill_steps": args.distill_steps,
+            "resume_at": resume_at,
+        },
+        "runs": {
+            name: {k: v for k, v in run.items() if k not in ("steps", "loss", "lr")} for name, run in results.items()
+        },
+        "curves_vs_one_gpu": {},
+        "resume": {},
+        "export": None,
     }
     summary["setup"]["overrides"] = {k: str(v) for k, v in summary["setup"]["overrides"].items()}
-    for name, reference in (("ddp", "one"), ("fsdp", "one"), ("distill-ddp", "distill-one"), ("distill-fsdp", "distill-one")):
+    for name, reference in (
+        ("ddp", "one"),
+        ("fsdp", "one"),
+        ("distill-ddp", "distill-one"),
+        ("distill-fsdp", "distill-one"),
+    ):
         if name in results and reference in results:
             summary["curves_vs_one_gpu"][name] = curve_difference(results[name], results[reference])
             summary["curves_vs_one_gpu"][name]["lr_equal"] = results[name]["lr"] == results[reference]["lr"]
-            summary["curves_vs_one_gpu"][name]["weights"] = weight_difference(work / name / "final", work / reference / "final")
+            summary["curves_vs_one_gpu"][name]["weights"] = weight_difference(
+                work / name / "final", work / reference / "final"
+            )
     for name in ("fsdp-resumed-fsdp", "fsdp-resumed-one"):
         if name in results and "fsdp" in results:
-            summary["resume"][name] = {**curve_difference(results[name], results["fsdp"], after=resume_at),
-                                       "weights": weight_difference(work / name / "final", work / "fsdp" / "final")}
+            summary["resume"][name] = {
+                **curve_difference(results[name], results["fsdp"], after=resume_at),
+                "weights": weight_difference(work / name / "final", work / "fsdp" / "final"),
+            }
     if (work / "fsdp" / "final").is_dir():
         from uptrain.recipe import load_recipe
 
@@ -328,9 +427,11 @@ def main():
     plot(results, summary, out_dir / "multi-gpu.png")
     print(json.dumps({k: summary[k] for k in ("curves_vs_one_gpu", "resume", "export")}, indent=1))
     for name, run in summary["runs"].items():
-        print(f"{name:>18}: {run['processes']} proc, {run['tokens_per_s_median'] or 0:,.0f} tok/s "
-              f"({run['tokens_per_s_per_gpu'] or 0:,.0f} per GPU), peak {run['peak_memory_gib_per_gpu']} GiB/GPU, "
-              f"{run['wall_seconds']:.0f} s")
+        print(
+            f"{name:>18}: {run['processes']} proc, {run['tokens_per_s_median'] or 0:,.0f} tok/s "
+            f"({run['tokens_per_s_per_gpu'] or 0:,.0f} per GPU), peak {run['peak_memory_gib_per_gpu']} GiB/GPU, "
+            f"{run['wall_seconds']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,26 @@ GIB = 2**30
 def test_bench_cli_reports_both_models_and_writes_json_and_plot(converted, tiny_source, run_cli, tmp_path):
     model, (source, _) = converted("llama"), tiny_source("llama")
     report_path = tmp_path / "bench.json"
-    result = run_cli("bench", model, "--baseline", source, "--device", "cpu", "--scenario", "custom",
-                     "--prompt-len", 9, "--gen-len", 11, "--batch-size", "1,3", "--repeats", 3, "--output", report_path)
+    result = run_cli(
+        "bench",
+        model,
+        "--baseline",
+        source,
+        "--device",
+        "cpu",
+        "--scenario",
+        "custom",
+        "--prompt-len",
+        9,
+        "--gen-len",
+        11,
+        "--batch-size",
+        "1,3",
+        "--repeats",
+        3,
+        "--output",
+        report_path,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -32,17 +50,39 @@ def test_bench_cli_reports_both_models_and_writes_json_and_plot(converted, tiny_
             assert r["ms_per_token"] == pytest.approx(1000 * r["seconds"] / 11)
             assert r["peak_memory_bytes"] > 0
     ratio = report["speedup"]["at_same_batch_size"]
-    assert ratio["1"] == pytest.approx(report["model"]["results"][0]["tokens_per_second"]
-                                       / report["baseline"]["results"][0]["tokens_per_second"])
+    assert ratio["1"] == pytest.approx(
+        report["model"]["results"][0]["tokens_per_second"] / report["baseline"]["results"][0]["tokens_per_second"]
+    )
     assert "speed-up at equal batch size" in result.stdout
 
 
 def test_bench_engines_are_named_in_the_report(converted, tiny_source, run_cli, tmp_path):
     model, (source, _) = converted("llama"), tiny_source("llama")
     report_path = tmp_path / "engines.json"
-    result = run_cli("bench", model, "--baseline", source, "--device", "cpu", "--scenario", "custom", "--prompt-len", 6,
-                     "--gen-len", 5, "--batch-size", "2", "--repeats", 1, "--engine", "eager", "--baseline-engine", "fast",
-                     "--output", report_path)
+    result = run_cli(
+        "bench",
+        model,
+        "--baseline",
+        source,
+        "--device",
+        "cpu",
+        "--scenario",
+        "custom",
+        "--prompt-len",
+        6,
+        "--gen-len",
+        5,
+        "--batch-size",
+        "2",
+        "--repeats",
+        1,
+        "--engine",
+        "eager",
+        "--baseline-engine",
+        "fast",
+        "--output",
+        report_path,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["model"]["engine"] == "eager" and report["baseline"]["engine"] == "fast"
@@ -56,8 +96,9 @@ def test_bench_engines_are_named_in_the_report(converted, tiny_source, run_cli, 
     assert result.exit_code == 1 and "--compile compiles the fast engine's steps" in result.stderr
 
 
-def test_compile_puts_the_fast_engines_steps_through_torch_compile(converted, tiny_source, run_cli, tmp_path,
-                                                                    monkeypatch):
+def test_compile_puts_the_fast_engines_steps_through_torch_compile(
+    converted, tiny_source, run_cli, tmp_path, monkeypatch
+):
     """--compile reaches the fast engine (its steps compiled, here by aot_eager, which traces as inductor does
     without its minutes of code generation) and the report says which model ran compiled steps."""
     from torch._dynamo.utils import counters
@@ -68,20 +109,57 @@ def test_compile_puts_the_fast_engines_steps_through_torch_compile(converted, ti
     counters.clear()
     model, (source, _) = converted("llama"), tiny_source("llama")
     report_path = tmp_path / "compiled.json"
-    result = run_cli("bench", model, "--baseline", source, "--device", "cpu", "--scenario", "custom", "--prompt-len", 5,
-                     "--gen-len", 6, "--batch-size", "2", "--repeats", 1, "--baseline-engine", "hf", "--compile",
-                     "--output", report_path)
+    result = run_cli(
+        "bench",
+        model,
+        "--baseline",
+        source,
+        "--device",
+        "cpu",
+        "--scenario",
+        "custom",
+        "--prompt-len",
+        5,
+        "--gen-len",
+        6,
+        "--batch-size",
+        "2",
+        "--repeats",
+        1,
+        "--baseline-engine",
+        "hf",
+        "--compile",
+        "--output",
+        report_path,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    assert report["settings"]["compile"] and report["model"]["compile_steps"] and not report["baseline"]["compile_steps"]
+    assert (
+        report["settings"]["compile"] and report["model"]["compile_steps"] and not report["baseline"]["compile_steps"]
+    )
     assert f"model: {model} (fast engine, compiled steps)" in result.stdout and "(hf engine)" in result.stdout
     assert counters["stats"]["unique_graphs"] >= 2  # the token block and a block step
 
 
 def test_random_init_and_auto_search_up_to_the_limit(converted, run_cli, tmp_path):
     report_path = tmp_path / "auto.json"
-    result = run_cli("bench", converted("qwen2"), "--random-init", "--scenario", "custom",  # --device auto
-                     "--prompt-len", 5, "--gen-len", 6, "--max-batch-size", 8, "--repeats", 1, "--output", report_path)
+    result = run_cli(
+        "bench",
+        converted("qwen2"),
+        "--random-init",
+        "--scenario",
+        "custom",  # --device auto
+        "--prompt-len",
+        5,
+        "--gen-len",
+        6,
+        "--max-batch-size",
+        8,
+        "--repeats",
+        1,
+        "--output",
+        report_path,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,8 +193,9 @@ def test_a_deadline_skips_the_batch_sizes_that_would_end_after_it(converted):
     from conftest import load_block_model
 
     model = load_block_model(converted("llama"))
-    settings = BenchSettings(scenario="custom", prompt_len=4, gen_len=4, batch_sizes=[1, 2, 4], repeats=1,
-                             device="cpu", dtype="float32")
+    settings = BenchSettings(
+        scenario="custom", prompt_len=4, gen_len=4, batch_sizes=[1, 2, 4], repeats=1, device="cpu", dtype="float32"
+    )
     results = []
     sweep(model, settings, "model", results, deadline=time.perf_counter() + 1)  # the first size is always measured
     assert [r["batch_size"] for r in results] == [1, 2] and results[0]["tokens_per_second"] > 0
@@ -138,8 +217,9 @@ def test_out_of_memory_ends_the_search_and_is_recorded(converted):
         return real_generate(input_ids, **kwargs)
 
     model.generate = generate
-    settings = BenchSettings(scenario="custom", prompt_len=4, gen_len=4, batch_sizes=None, repeats=1, device="cpu",
-                             dtype="float32")
+    settings = BenchSettings(
+        scenario="custom", prompt_len=4, gen_len=4, batch_sizes=None, repeats=1, device="cpu", dtype="float32"
+    )
     results = []
     sweep(model, settings, "model", results)
     assert [r["batch_size"] for r in results] == [1, 4]

@@ -63,7 +63,9 @@ def test_fast_eos_in_the_middle_and_min_new_tokens(model_of):
     model = model_of("llama")
     ids, mask = left_padded(ROWS, seed=7)
     width, new = ids.shape[1], 13
-    free = model.generate(ids, attention_mask=mask, engine="eager", max_new_tokens=new, do_sample=False, eos_token_id=None)[:, width:]
+    free = model.generate(
+        ids, attention_mask=mask, engine="eager", max_new_tokens=new, do_sample=False, eos_token_id=None
+    )[:, width:]
     eos = int(free[0, 2])  # row 0 meets it at its third token at the latest; other rows maybe, maybe never
     eager, fast = both(model, ids, mask, max_new_tokens=new, do_sample=False, eos_token_id=[eos, 127], pad_token_id=0)
     assert torch.equal(fast, eager)
@@ -72,8 +74,16 @@ def test_fast_eos_in_the_middle_and_min_new_tokens(model_of):
     assert (fast[0, width + first + 1 :] == 0).all()  # the finished row keeps padding
     assert any((fast[row, width:] != 0).all() for row in range(1, len(ROWS)))  # some row runs to the end
 
-    eager, fast = both(model, ids, mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0,
-                       min_new_tokens=first + 2)
+    eager, fast = both(
+        model,
+        ids,
+        mask,
+        max_new_tokens=new,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        min_new_tokens=first + 2,
+    )
     assert torch.equal(fast, eager)
     assert (fast[0, width : width + first + 2] != eos).all()
 
@@ -82,15 +92,27 @@ def test_fast_stops_once_every_row_is_done(model_of):
     model = model_of("qwen2")
     ids, mask = left_padded((4, 6), seed=8)
     width, new = ids.shape[1], 24
-    free = model.generate(ids, attention_mask=mask, engine="eager", max_new_tokens=new, do_sample=False, eos_token_id=None)[:, width:]
+    free = model.generate(
+        ids, attention_mask=mask, engine="eager", max_new_tokens=new, do_sample=False, eos_token_id=None
+    )[:, width:]
     eos = [int(free[0, 1]), int(free[1, 1])]  # both rows stop within their first few tokens
     calls = {}
     for engine in ("eager", "fast"):
         seen = []
         handle = model.block_decoder.register_forward_pre_hook(lambda *args, seen=seen: seen.append(1))
         try:
-            calls[engine] = model.generate(ids, attention_mask=mask, engine=engine, max_new_tokens=new, do_sample=False,
-                                           eos_token_id=eos, pad_token_id=0), len(seen)
+            calls[engine] = (
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    engine=engine,
+                    max_new_tokens=new,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=0,
+                ),
+                len(seen),
+            )
         finally:
             handle.remove()
     assert torch.equal(calls["fast"][0], calls["eager"][0])
@@ -103,14 +125,25 @@ def test_fast_stops_once_every_row_is_done(model_of):
 def test_fast_sampling_same_generator_state_same_tokens(family, model_of):
     model = model_of(family)
     ids, mask = left_padded(ROWS, seed=9)
-    settings = {"max_new_tokens": 10, "do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 50, "eos_token_id": None}
+    settings = {
+        "max_new_tokens": 10,
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_p": 0.9,
+        "top_k": 50,
+        "eos_token_id": None,
+    }
     eager, fast = both(model, ids, mask, seed=11, **settings)
     assert torch.equal(fast, eager)
     _, again = both(model, ids, mask, seed=12, **settings)
     assert not torch.equal(again, fast)  # another seed, other tokens
-    greedy = model.generate(ids, attention_mask=mask, engine="fast", max_new_tokens=10, do_sample=False, eos_token_id=None)
+    greedy = model.generate(
+        ids, attention_mask=mask, engine="fast", max_new_tokens=10, do_sample=False, eos_token_id=None
+    )
     assert not torch.equal(fast, greedy)
-    top1 = model.generate(ids, attention_mask=mask, engine="fast", max_new_tokens=10, do_sample=True, top_k=1, eos_token_id=None)
+    top1 = model.generate(
+        ids, attention_mask=mask, engine="fast", max_new_tokens=10, do_sample=True, top_k=1, eos_token_id=None
+    )
     assert torch.equal(top1, greedy)
     eager, plain = both(model, ids, mask, seed=13, max_new_tokens=10, do_sample=True, eos_token_id=None)  # no warper
     assert torch.equal(plain, eager) and not torch.equal(plain, greedy)  # do_sample alone samples
@@ -126,14 +159,18 @@ def test_sampling_follows_the_distribution(model_of):
         probs = torch.softmax(model(prompt).logits[0, -1].double() / 0.25, -1)
     torch.manual_seed(0)
     rows = 3000
-    first = model.generate(prompt.expand(rows, -1), engine="fast", max_new_tokens=1, do_sample=True, temperature=0.25,
-                           eos_token_id=None)[:, -1]
+    first = model.generate(
+        prompt.expand(rows, -1), engine="fast", max_new_tokens=1, do_sample=True, temperature=0.25, eos_token_id=None
+    )[:, -1]
     counts = torch.bincount(first, minlength=probs.numel()).double()
     expected = rows * probs
     big = expected >= 5
     observed, wanted = counts[big], expected[big]
     if not big.all():
-        observed, wanted = torch.cat([observed, counts[~big].sum()[None]]), torch.cat([wanted, expected[~big].sum()[None]])
+        observed, wanted = (
+            torch.cat([observed, counts[~big].sum()[None]]),
+            torch.cat([wanted, expected[~big].sum()[None]]),
+        )
     bins = len(wanted)
     assert bins >= 10
     chi2 = float(((observed - wanted) ** 2 / wanted).sum())
@@ -185,11 +222,13 @@ def test_rows_join_a_running_block_batch_and_get_their_tokens_alone(model_of):
     what it generates alone; the row that started first is not disturbed, and stops moving once done. Sliding
     windows (gemma3_text's 6 slots) count each row's own slots."""
     model = model_of("gemma3_text")
-    first, second = torch.randint(4, 128, (1, 22), generator=torch.Generator().manual_seed(1)), torch.randint(
-        4, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    first, second = (
+        torch.randint(4, 128, (1, 22), generator=torch.Generator().manual_seed(1)),
+        torch.randint(4, 128, (1, 9), generator=torch.Generator().manual_seed(2)),
+    )
     new = 17
     settings = {"max_new_tokens": new, "do_sample": False, "eos_token_id": None}
-    alone = [model.generate(ids, engine="eager", **settings)[0, ids.shape[1]:] for ids in (first, second)]
+    alone = [model.generate(ids, engine="eager", **settings)[0, ids.shape[1] :] for ids in (first, second)]
     rules = GenerationRequest.of(model, first, kwargs=settings).rules
     slots = 32
     with BlockEngine.open(model, EngineShape(batch=3, slots=slots, visible=(slots,)), rules) as engine:
@@ -209,11 +248,13 @@ def test_rows_join_a_running_block_batch_and_get_their_tokens_alone(model_of):
 
 def test_rows_join_a_running_vanilla_batch_and_get_their_tokens_alone(tiny_source):
     _, model = tiny_source("qwen2")
-    first, second = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(1)), torch.randint(
-        4, 128, (1, 8), generator=torch.Generator().manual_seed(2))
+    first, second = (
+        torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(1)),
+        torch.randint(4, 128, (1, 8), generator=torch.Generator().manual_seed(2)),
+    )
     new = 10
     settings = {"max_new_tokens": new, "do_sample": False, "eos_token_id": None, "pad_token_id": 3}
-    alone = [model.generate(ids, **settings)[0, ids.shape[1]:] for ids in (first, second)]
+    alone = [model.generate(ids, **settings)[0, ids.shape[1] :] for ids in (first, second)]
     rules = GenerationRequest.of(model, first, kwargs=settings).rules
     slots = 32
     with VanillaEngine.open(model, EngineShape(batch=2, slots=slots, visible=(slots,)), rules) as engine:
@@ -237,7 +278,9 @@ def test_static_buffers_hold_what_teacher_forcing_caches(model_of):
     lengths = (8, 4, 12)  # whole blocks only, so that every token of the last block is in the output
     ids, mask = left_padded(lengths, seed=4)
     width, new = ids.shape[1], 12
-    output = model.generate(ids, attention_mask=mask, engine="fast", max_new_tokens=new, do_sample=False, eos_token_id=None)
+    output = model.generate(
+        ids, attention_mask=mask, engine="fast", max_new_tokens=new, do_sample=False, eos_token_id=None
+    )
     engine = engine_of(model)
     prompt = BlockPrompt.lay_out(ids, mask, BLOCK, new)
     slots = prompt.blocks + prompt.steps - 1
@@ -252,8 +295,11 @@ def test_static_buffers_hold_what_teacher_forcing_caches(model_of):
     cache = DynamicCache(config=model.config.block_decoder)
     with torch.no_grad():
         hidden = model.block_decoder(
-            inputs_embeds=model.embed_blocks(laid[:, : slots * BLOCK]), attention_mask=valid.long(),
-            position_ids=padded_positions(valid.long()), use_cache=True, **{cache_argument(model.block_decoder): cache},
+            inputs_embeds=model.embed_blocks(laid[:, : slots * BLOCK]),
+            attention_mask=valid.long(),
+            position_ids=padded_positions(valid.long()),
+            use_cache=True,
+            **{cache_argument(model.block_decoder): cache},
         ).last_hidden_state
     spread = valid[:, None, :, None]
     for layer in range(model.config.block_decoder.num_hidden_layers):
@@ -263,11 +309,17 @@ def test_static_buffers_hold_what_teacher_forcing_caches(model_of):
 
     last = laid[:, slots * BLOCK :]  # the last block, decoded from the context of the last slot
     assert torch.equal(engine.block, last)
-    window = torch.cat([model.prefix_inputs(hidden[:, -1]), model.token_decoder.get_input_embeddings()(last[:, :-1])], 1)
+    window = torch.cat(
+        [model.prefix_inputs(hidden[:, -1]), model.token_decoder.get_input_embeddings()(last[:, :-1])], 1
+    )
     cache = DynamicCache(config=model.config.token_decoder)
     with torch.no_grad():
-        model.token_decoder.base_model(inputs_embeds=window, position_ids=model.window_position_ids("cpu")[None].expand(3, -1),
-                                       use_cache=True, **{cache_argument(model.token_decoder): cache})
+        model.token_decoder.base_model(
+            inputs_embeds=window,
+            position_ids=model.window_position_ids("cpu")[None].expand(3, -1),
+            use_cache=True,
+            **{cache_argument(model.token_decoder): cache},
+        )
     for layer in range(model.config.token_decoder.num_hidden_layers):
         assert torch.allclose(engine.token_kv.keys[layer], cache.layers[layer].keys, atol=1e-5)
         assert torch.allclose(engine.token_kv.values[layer], cache.layers[layer].values, atol=1e-5)
@@ -292,7 +344,9 @@ def test_vanilla_static_engine_eos_and_min_new_tokens(tiny_source):
     _, model = tiny_source("qwen2")
     ids, mask = left_padded(ROWS, seed=12)
     width = ids.shape[1]
-    free = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=3)
+    free = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=3
+    )
     eos = int(free[0, width + 1])
     for extra in ({}, {"min_new_tokens": 4}):
         settings = dict(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0, **extra)
@@ -306,8 +360,8 @@ def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_so
     """compile_steps: the step functions through torch.compile give the uncompiled engines' tokens, with EOS
     and left padding, and dynamo traces each whole, without a graph break (a break would split the fused
     kernels and, on CUDA, the captured step), and all before the capture: the warm-up compiles, the steps
-    only run (a compile inside a CUDA-graph capture invalidates it). The backend is aot_eager here: dynamo's tracing and the
-    functionalised mutations of the engine's buffers are what can go wrong on any device, and inductor's
+    only run (a compile inside a CUDA-graph capture invalidates it). The backend is aot_eager here: dynamo's
+    tracing and the functionalised mutations of the engine's buffers are what can go wrong on any device, and inductor's
     code generation takes minutes on CPU; the GPU script checks inductor's tokens (docs/benchmarks.md)."""
     from torch._dynamo.utils import counters
 

@@ -31,8 +31,10 @@ def test_captured_steps_give_the_eager_engines_tokens(family, converted, tiny_so
     assert engine_of(model).graphs.graphs  # captured, not the uncaptured fallback
     assert torch.equal(model.generate(ids, attention_mask=mask, engine="fast", **greedy), eager)  # replayed again
     stop = {**greedy, "eos_token_id": [int(eager[0, ids.shape[1] + 2]), 127], "pad_token_id": 0}
-    assert torch.equal(model.generate(ids, attention_mask=mask, engine="fast", **stop),
-                       model.generate(ids, attention_mask=mask, engine="eager", **stop))
+    assert torch.equal(
+        model.generate(ids, attention_mask=mask, engine="fast", **stop),
+        model.generate(ids, attention_mask=mask, engine="eager", **stop),
+    )
     sampled = {"max_new_tokens": 21, "do_sample": True, "temperature": 1.5, "top_p": 0.9, "eos_token_id": None}
     runs = []
     for _ in range(2):
@@ -45,8 +47,10 @@ def test_captured_steps_give_the_eager_engines_tokens(family, converted, tiny_so
     vanilla = source.to(DEVICE)
     settings = {"max_new_tokens": 17, "do_sample": False, "eos_token_id": None, "pad_token_id": 3}
     try:
-        assert torch.equal(generate_static(vanilla, ids, attention_mask=mask, **settings),
-                           vanilla.generate(ids, attention_mask=mask, **settings))
+        assert torch.equal(
+            generate_static(vanilla, ids, attention_mask=mask, **settings),
+            vanilla.generate(ids, attention_mask=mask, **settings),
+        )
     finally:
         source.to("cpu")
 
@@ -57,14 +61,18 @@ def test_rows_join_a_running_batch_of_captured_steps(converted, tiny_source):
     first, second = (torch.randint(4, 128, (1, n), generator=generator).to(DEVICE) for n in (22, 9))
     new, slots = 17, 32
     settings = {"max_new_tokens": new, "do_sample": False, "eos_token_id": None}
-    alone = [model.generate(ids, engine="eager", **settings)[0, ids.shape[1]:] for ids in (first, second)]
+    alone = [model.generate(ids, engine="eager", **settings)[0, ids.shape[1] :] for ids in (first, second)]
     rules = GenerationRequest.of(model, first, kwargs=settings).rules
     with BlockEngine.open(model, EngineShape(3, slots, (slots,)), rules) as engine:
         assert engine.graphs.graphs
-        engine.prefill(BlockPrompt.lay_out(first, torch.ones_like(first), BLOCK, new), rows=torch.tensor([2], device=DEVICE))
+        engine.prefill(
+            BlockPrompt.lay_out(first, torch.ones_like(first), BLOCK, new), rows=torch.tensor([2], device=DEVICE)
+        )
         for _ in range(3):
             engine.advance(slots)
-        engine.prefill(BlockPrompt.lay_out(second, torch.ones_like(second), BLOCK, new), rows=torch.tensor([0], device=DEVICE))
+        engine.prefill(
+            BlockPrompt.lay_out(second, torch.ones_like(second), BLOCK, new), rows=torch.tensor([0], device=DEVICE)
+        )
         for _ in range(-(-(new + 1) // BLOCK)):
             engine.advance(slots)
         assert torch.equal(engine.tokens[2], alone[0]) and torch.equal(engine.tokens[0], alone[1])
@@ -73,10 +81,12 @@ def test_rows_join_a_running_batch_of_captured_steps(converted, tiny_source):
     vanilla = source.to(DEVICE)
     settings = {"max_new_tokens": 10, "do_sample": False, "eos_token_id": None, "pad_token_id": 3}
     try:
-        alone = [vanilla.generate(ids, **settings)[0, ids.shape[1]:] for ids in (first[:, :5], second)]
+        alone = [vanilla.generate(ids, **settings)[0, ids.shape[1] :] for ids in (first[:, :5], second)]
         rules = GenerationRequest.of(vanilla, first, kwargs=settings).rules
         with VanillaEngine.open(vanilla, EngineShape(2, slots, (slots,)), rules) as engine:
-            engine.prefill(VanillaPrompt(first[:, :5], torch.ones_like(first[:, :5]), 10), rows=torch.tensor([1], device=DEVICE))
+            engine.prefill(
+                VanillaPrompt(first[:, :5], torch.ones_like(first[:, :5]), 10), rows=torch.tensor([1], device=DEVICE)
+            )
             for _ in range(4):
                 engine.advance(slots)
             engine.prefill(VanillaPrompt(second, torch.ones_like(second), 10), rows=torch.tensor([0], device=DEVICE))
@@ -92,7 +102,9 @@ def test_inductor_compiled_steps_give_the_same_tokens(converted, tiny_source):
     ids, mask = on_device(*left_padded(ROWS, seed=7))
     settings = {"max_new_tokens": 23, "do_sample": False, "eos_token_id": [int(ids[0, -1]), 127], "pad_token_id": 0}
     expected = model.generate(ids, attention_mask=mask, engine="fast", **settings)
-    assert torch.equal(model.generate(ids, attention_mask=mask, engine="fast", compile_steps=True, **settings), expected)
+    assert torch.equal(
+        model.generate(ids, attention_mask=mask, engine="fast", compile_steps=True, **settings), expected
+    )
     _, source = tiny_source("llama")
     vanilla = source.to(DEVICE)
     try:

@@ -74,8 +74,9 @@ def test_compiled_fast_path_equals_plain(tiny_source, converted):
         torch.testing.assert_close(compiled[0], plain[0], rtol=1e-5, atol=0)
         assert compiled[2].keys() == plain[2].keys()
         for name, expected in plain[2].items():
-            torch.testing.assert_close(compiled[2][name], expected, rtol=0, atol=1e-4 * float(expected.abs().max()),
-                                       msg=name)
+            torch.testing.assert_close(
+                compiled[2][name], expected, rtol=0, atol=1e-4 * float(expected.abs().max()), msg=name
+            )
 
 
 def test_soft_capped_logits(tmp_path):
@@ -104,7 +105,9 @@ def test_chunked_cross_entropy_against_float64():
     bias = torch.randn(50, generator=generator, requires_grad=True)
     labels = torch.randint(50, (29,), generator=generator)
     labels[[0, 5, 17]] = -100
-    total, reported = chunked_head_loss(hidden, weight, bias, ChunkGradient(cross_entropy_chunks()), (labels,), chunk_rows=6)
+    total, reported = chunked_head_loss(
+        hidden, weight, bias, ChunkGradient(cross_entropy_chunks()), (labels,), chunk_rows=6
+    )
     (total * 0.5).backward()
 
     h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))

@@ -52,12 +52,16 @@ def test_eos_stops_a_row_and_min_new_tokens(model_of):
     free = model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=None)[0, 6:]
     eos = int(free[2])
     first = int((free == eos).nonzero()[0])
-    stopped = model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=[eos, 127], pad_token_id=0)[0, 6:]
+    stopped = model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=[eos, 127], pad_token_id=0)[
+        0, 6:
+    ]
     assert stopped.shape == (NEW,)
     assert torch.equal(stopped[: first + 1], free[: first + 1])
     assert (stopped[first + 1 :] == 0).all()
 
-    later = model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=eos, min_new_tokens=first + 2)[0, 6:]
+    later = model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=eos, min_new_tokens=first + 2)[
+        0, 6:
+    ]
     assert (later[: first + 2] != eos).all()
 
 
@@ -67,7 +71,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model_of):
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
-        runs.append(model.generate(prompt, max_new_tokens=NEW, do_sample=True, temperature=1.5, top_p=0.9, eos_token_id=None))
+        runs.append(
+            model.generate(prompt, max_new_tokens=NEW, do_sample=True, temperature=1.5, top_p=0.9, eos_token_id=None)
+        )
     assert torch.equal(runs[0], runs[1])
     greedy = model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=None)
     assert not torch.equal(runs[0], greedy)
@@ -101,8 +107,9 @@ def test_streamer_prints_the_new_text(model_of, capsys):
     model = model_of("llama")
     tokenizer = tiny_tokenizer()
     prompt = tokenizer("hello", return_tensors="pt").input_ids
-    output = model.generate(prompt, max_new_tokens=7, do_sample=False, eos_token_id=None,
-                            streamer=TextStreamer(tokenizer, skip_prompt=True))
+    output = model.generate(
+        prompt, max_new_tokens=7, do_sample=False, eos_token_id=None, streamer=TextStreamer(tokenizer, skip_prompt=True)
+    )
     printed = capsys.readouterr().out
     assert printed.strip() == tokenizer.decode(output[0, prompt.shape[1] :]).strip()
 
@@ -119,11 +126,15 @@ def test_finished_rows_leave_the_batch(model_of):
         lambda module, args, kwargs: seen_batches.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
     )
     try:
-        stopped = model.generate(prompts, max_new_tokens=3 * NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)[:, 5:]
+        stopped = model.generate(prompts, max_new_tokens=3 * NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)[
+            :, 5:
+        ]
     finally:
         handle.remove()
     for row in range(3):
-        alone = model.generate(prompts[row : row + 1], max_new_tokens=3 * NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        alone = model.generate(
+            prompts[row : row + 1], max_new_tokens=3 * NEW, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
         assert torch.equal(stopped[row], alone[0, 5:])
         hits = (free[row] == eos).nonzero()
         end = int(hits[0]) + 1 if len(hits) else free.shape[1]

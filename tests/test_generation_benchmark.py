@@ -40,25 +40,48 @@ def test_vanilla_decode_at_huge_batch_is_the_kv_cache_bandwidth_bound():
 def test_block_bound_exceeds_vanilla_and_unknown_cards_have_none():
     config = SHAPES["SmolLM2-360M"]
     for prompt, new in ((128, 2048), (2048, 128)):
-        assert roofline(config, "block", prompt, new, 4096, "H100") > 4 * roofline(config, "vanilla", prompt, new, 4096, "H100")
+        assert roofline(config, "block", prompt, new, 4096, "H100") > 4 * roofline(
+            config, "vanilla", prompt, new, 4096, "H100"
+        )
     assert roofline(config, "block", 128, 2048, 4096, "unknown card") is None
 
 
 def test_render_merges_one_engines_rows_from_several_calls_by_batch(tmp_path):
     def row(batch, tokens_per_second):
-        return {"batch_size": batch, "tokens_per_second": tokens_per_second, "ms_per_token": 1.0,
-                "peak_memory_bytes": 2**30, "all_seconds": [1.0]}
+        return {
+            "batch_size": batch,
+            "tokens_per_second": tokens_per_second,
+            "ms_per_token": 1.0,
+            "peak_memory_bytes": 2**30,
+            "all_seconds": [1.0],
+        }
 
     def part(name, rows):
-        (tmp_path / name).write_text(json.dumps({
-            "shape": "SmolLM2-360M", "config": SHAPES["SmolLM2-360M"], "environment": {"gpu": "NVIDIA H100 80GB HBM3"},
-            "scenario": "decode-heavy", "prompt_len": 128, "gen_len": 2048, "results": {"vanilla fast": rows}}))
+        (tmp_path / name).write_text(
+            json.dumps(
+                {
+                    "shape": "SmolLM2-360M",
+                    "config": SHAPES["SmolLM2-360M"],
+                    "environment": {"gpu": "NVIDIA H100 80GB HBM3"},
+                    "scenario": "decode-heavy",
+                    "prompt_len": 128,
+                    "gen_len": 2048,
+                    "results": {"vanilla fast": rows},
+                }
+            )
+        )
 
     part("a-vanilla-fast.json", [row(256, 100.0), row(512, 150.0)])
     part("b-vanilla-fast-768.json", [row(768, 170.0), row(512, 160.0)])  # a later call: 768, and 512 again
     summary = render(tmp_path)
-    rows = json.loads((tmp_path / "results.json").read_text())["shapes"]["SmolLM2-360M"]["scenarios"]["decode-heavy"]["results"]
-    assert [(r["batch_size"], r["tokens_per_second"]) for r in rows["vanilla fast"]] == [(256, 100.0), (512, 160.0), (768, 170.0)]
+    rows = json.loads((tmp_path / "results.json").read_text())["shapes"]["SmolLM2-360M"]["scenarios"]["decode-heavy"][
+        "results"
+    ]
+    assert [(r["batch_size"], r["tokens_per_second"]) for r in rows["vanilla fast"]] == [
+        (256, 100.0),
+        (512, 160.0),
+        (768, 170.0),
+    ]
     assert "| vanilla fast | 768 | 170 |" in summary
 
 
@@ -80,18 +103,32 @@ def test_gap_at_the_first_divergence_is_the_chosen_tokens_logit_minus_the_others
 
 def _agreement_report(float32_fast_first, bf16_gaps, compiled_gaps):
     """A bf16_agreement report with one float32 and one bf16 run against float32 eager, and compiled against eager."""
+
     def result(gaps):
         return {"first_divergence": [None if g is None else 7 for g in gaps], "float32_gap_at_first_divergence": gaps}
-    fast32 = {"first_divergence": float32_fast_first, "float32_gap_at_first_divergence": [None] * len(float32_fast_first)}
-    return {"against_float32_eager": {"float32 fast": fast32, "bfloat16 fast": result(bf16_gaps)},
-            "fast_against_eager": {}, "compiled_against_eager": {"bfloat16": result(compiled_gaps)}}
+
+    fast32 = {
+        "first_divergence": float32_fast_first,
+        "float32_gap_at_first_divergence": [None] * len(float32_fast_first),
+    }
+    return {
+        "against_float32_eager": {"float32 fast": fast32, "bfloat16 fast": result(bf16_gaps)},
+        "fast_against_eager": {},
+        "compiled_against_eager": {"bfloat16": result(compiled_gaps)},
+    }
 
 
 def test_verdict_passes_near_ties_and_fails_float32_differences_and_large_bf16_gaps():
-    assert verdict(_agreement_report([None, None], [0.2, None], [-0.4, 0.01]), near_tie=0.5) == \
-        {"passed": True, "near_tie": 0.5, "failures": []}
-    large = verdict(_agreement_report([None, None], [0.2, None], [-0.6, 0.01]), near_tie=0.5)  # the sign does not excuse
+    assert verdict(_agreement_report([None, None], [0.2, None], [-0.4, 0.01]), near_tie=0.5) == {
+        "passed": True,
+        "near_tie": 0.5,
+        "failures": [],
+    }
+    large = verdict(
+        _agreement_report([None, None], [0.2, None], [-0.6, 0.01]), near_tie=0.5
+    )  # the sign does not excuse
     assert not large["passed"] and large["failures"] == [
-        "compiled against eager, bfloat16: row 0 parts at token 7 with a float32 gap of -0.600 nats"]
+        "compiled against eager, bfloat16: row 0 parts at token 7 with a float32 gap of -0.600 nats"
+    ]
     float32 = verdict(_agreement_report([None, 3], [None, None], [None, None]), near_tie=0.5)
     assert float32["failures"] == ["float32 fast against float32 eager: row 1 differs from token 3 on"]

@@ -40,8 +40,20 @@ def launch(config: str, overrides: list[str]):
     """`accelerate launch --config_file recipes/accelerate/CONFIG.yaml --num_processes 2 SCRIPT train ...`."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}  # DDP over gloo; FSDP_ON_CPU sets it too
     script = FSDP_ON_CPU if config == "fsdp" else REPO / "cli.py"
-    command = ["accelerate", "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(script), "train", str(TINY_RECIPE), *overrides]
+    command = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(CONFIGS / f"{config}.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        "train",
+        str(TINY_RECIPE),
+        *overrides,
+    ]
     return subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -94,8 +106,11 @@ def runs(tiny_source, tiny_data, tmp_path_factory, run_cli):  # noqa: F811
     root = tmp_path_factory.mktemp("multi")
     folders = {name: root / name for name in ("one", "ddp", "one-distill", "fsdp")}
     for name in ("one", "one-distill"):
-        overrides = fsdp_overrides(source, tiny_data, folders[name]) if name == "one-distill" else \
-            tiny_overrides(source, tiny_data, folders[name], **STEPS)
+        overrides = (
+            fsdp_overrides(source, tiny_data, folders[name])
+            if name == "one-distill"
+            else tiny_overrides(source, tiny_data, folders[name], **STEPS)
+        )
         result = run_cli("train", TINY_RECIPE, *overrides)
         assert result.exit_code == 0, result.output
     trained("ddp", tiny_overrides(source, tiny_data, folders["ddp"], **STEPS))
@@ -112,8 +127,9 @@ def test_ddp_and_fsdp_give_the_single_process_run(runs):
         out = runs[name]
         assert (out / "checkpoints" / "step-00000008" / "random_states_1.pkl").is_file()  # a second process ran
         torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one)), rtol=RTOL, atol=0)
-        torch.testing.assert_close(torch.tensor(log(out, "eval/val_loss")), torch.tensor(log(one, "eval/val_loss")),
-                                   rtol=RTOL, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(log(out, "eval/val_loss")), torch.tensor(log(one, "eval/val_loss")), rtol=RTOL, atol=0
+        )
         assert log(out, "train/lr") == log(one, "train/lr")  # one schedule step per optimizer step, any processes
         assert_close_weights(final_weights(out), final_weights(one))
     assert training(runs["one"])["distributed"] == {"type": "NO", "processes": 1}
@@ -136,7 +152,9 @@ def test_fsdp_export_is_the_usual_folder_and_holds_the_trained_weights(runs, tmp
     # the trained weights, as the last sharded checkpoint holds them (read back without the trainer)
     saved = runs["fsdp"] / "checkpoints" / "step-00000008"
     dcp_to_torch_save(saved / "pytorch_model_fsdp_0", tmp_path / "step-8.pt")
-    trained_state = {name.removeprefix("model."): value for name, value in torch.load(tmp_path / "step-8.pt")["model"].items()}
+    trained_state = {
+        name.removeprefix("model."): value for name, value in torch.load(tmp_path / "step-8.pt")["model"].items()
+    }
     loaded = model.state_dict()
     assert loaded.keys() == trained_state.keys()
     for name in loaded:
@@ -144,8 +162,13 @@ def test_fsdp_export_is_the_usual_folder_and_holds_the_trained_weights(runs, tmp
 
 
 @pytest.mark.slow  # accelerate launches
-def test_an_fsdp_checkpoint_resumes_under_fsdp_and_on_one_process(runs, tiny_source, tiny_data, tmp_path,  # noqa: F811
-                                                                   run_cli):
+def test_an_fsdp_checkpoint_resumes_under_fsdp_and_on_one_process(
+    runs,
+    tiny_source,
+    tiny_data,  # noqa: F811 (the fixture imported above)
+    tmp_path,
+    run_cli,
+):
     """The FSDP run cut back to its step-4 checkpoint, resumed (`resume: auto`) under FSDP and on one process."""
     source, _ = tiny_source("llama")
     fsdp = runs["fsdp"]

@@ -39,22 +39,48 @@ def corpus_file(path: Path, documents: int = 300, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    prepare(str(corpus_file(folder / "corpus.txt")), folder / "tokens", tiny_tokenizer(), val_fraction=0.1,
-            tokenizer_name="tiny")
+    prepare(
+        str(corpus_file(folder / "corpus.txt")),
+        folder / "tokens",
+        tiny_tokenizer(),
+        val_fraction=0.1,
+        tokenizer_name="tiny",
+    )
     return folder / "tokens"
 
 
 def tiny_overrides(source, data, out, **extra):
-    values = dict(source=source, data=data, output_dir=out, seq_len=64, micro_batch_size=4, global_batch_size=8,
-                  max_steps=12, warmup_steps=2, eval_every=6, eval_windows=4, save_every=4, keep_checkpoints=5,
-                  log_every=1, tracker="none", lr=1e-3, **{"convert.block_layers": 2})
+    values = dict(
+        source=source,
+        data=data,
+        output_dir=out,
+        seq_len=64,
+        micro_batch_size=4,
+        global_batch_size=8,
+        max_steps=12,
+        warmup_steps=2,
+        eval_every=6,
+        eval_windows=4,
+        save_every=4,
+        keep_checkpoints=5,
+        log_every=1,
+        tracker="none",
+        lr=1e-3,
+        **{"convert.block_layers": 2},
+    )
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
 
 
 def run_train(overrides, **popen):
-    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), "train", str(TINY_RECIPE), *overrides],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "train", str(TINY_RECIPE), *overrides],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def final_weights(out: Path) -> dict:
@@ -152,8 +178,16 @@ def test_distillation_loss_against_float64():
 
 def test_distillation_run(tiny_source, tiny_data, tmp_path, run_cli):
     source, _ = tiny_source("llama")
-    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, **{
-        "max_steps": 4, "distill.enabled": "true", "distill.weight": 0.5, "distill.temperature": 2.0}))
+    result = run_cli(
+        "train",
+        TINY_RECIPE,
+        *tiny_overrides(
+            source,
+            tiny_data,
+            tmp_path,
+            **{"max_steps": 4, "distill.enabled": "true", "distill.weight": 0.5, "distill.temperature": 2.0},
+        ),
+    )
     assert result.exit_code == 0, result.output
     training = json.loads((tmp_path / "final" / "training.json").read_text())
     assert training["steps"] == 4
@@ -163,7 +197,12 @@ def test_bad_inputs(tiny_source, tiny_data, tmp_path, run_cli):
     source, _ = tiny_source("llama")
 
     def refused(*overrides, **extra):
-        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, extra.pop("data", tiny_data), tmp_path / "o", **extra), *overrides)
+        result = run_cli(
+            "train",
+            TINY_RECIPE,
+            *tiny_overrides(source, extra.pop("data", tiny_data), tmp_path / "o", **extra),
+            *overrides,
+        )
         assert result.exit_code == 1, result.output
         lines = result.stderr.strip().splitlines()  # progress bars of a conversion may come first
         assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr
@@ -184,8 +223,11 @@ def test_bad_inputs(tiny_source, tiny_data, tmp_path, run_cli):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_source, tiny_data, tmp_path, run_cli):
     source, _ = tiny_source("llama")
-    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, lr="1e30", grad_clip=0,
-                                                           save_every=1, max_steps=12))
+    result = run_cli(
+        "train",
+        TINY_RECIPE,
+        *tiny_overrides(source, tiny_data, tmp_path, lr="1e30", grad_clip=0, save_every=1, max_steps=12),
+    )
     assert result.exit_code == 1, result.output
     message = result.stderr.strip().splitlines()[-1]
     assert message.split(" became ")[0] in ("error: training loss", "error: the gradient norm")
@@ -209,7 +251,9 @@ def test_nan_gradients_stop_the_run_before_any_update_and_from_scratch_has_none(
     tokenizer.pad_token = tokenizer.eos_token  # SmolLM2's convention
     tokenizer.save_pretrained(source)
     rng = torch.Generator().manual_seed(0)  # one- or two-letter documents: every third token is the end of text
-    (tmp_path / "short.txt").write_text("\n\n".join(WORDS[int(i)][: 1 + int(i) % 2] for i in torch.randint(len(WORDS), (3000,), generator=rng)))
+    (tmp_path / "short.txt").write_text(
+        "\n\n".join(WORDS[int(i)][: 1 + int(i) % 2] for i in torch.randint(len(WORDS), (3000,), generator=rng))
+    )
     prepare(str(tmp_path / "short.txt"), tmp_path / "tokens", tokenizer, val_fraction=0.1, tokenizer_name="tiny")
     settings = dict(architecture="vanilla", max_steps=4, save_every=1, eval_every=4)
 
@@ -220,8 +264,11 @@ def test_nan_gradients_stop_the_run_before_any_update_and_from_scratch_has_none(
     for checkpoint in complete_checkpoints(tmp_path / "as-is"):  # every kept checkpoint is finite
         assert all(torch.isfinite(t).all() for t in load_file(next(checkpoint.rglob("*.safetensors"))).values())
 
-    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tmp_path / "tokens", tmp_path / "scratch",
-                                                           from_scratch="true", **settings))
+    result = run_cli(
+        "train",
+        TINY_RECIPE,
+        *tiny_overrides(source, tmp_path / "tokens", tmp_path / "scratch", from_scratch="true", **settings),
+    )
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (tmp_path / "scratch" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in log)
@@ -245,8 +292,11 @@ def test_vanilla_training_starts_from_the_source_and_exports_a_plain_model(tiny_
     from uptrain.data import TokenData, sample_indices
 
     source, model = tiny_source("qwen2")  # no dropout, so the first step's loss is the source's own
-    result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path, architecture="vanilla",
-                                                           max_steps=3, save_every=3))
+    result = run_cli(
+        "train",
+        TINY_RECIPE,
+        *tiny_overrides(source, tiny_data, tmp_path, architecture="vanilla", max_steps=3, save_every=3),
+    )
     assert result.exit_code == 0, result.output
     first_batch = TokenData(tiny_data, "train").batch(sample_indices(0, 8, 0, 1), 64, seed=0)
     with torch.no_grad():
@@ -276,16 +326,31 @@ def test_from_scratch(architecture, converted_source, tiny_source, converted, ti
     runs = {}
     for scratch in ("true", "false"):
         out = tmp_path / scratch
-        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, out, architecture=architecture,
-                                                               from_scratch=scratch, max_steps=4, save_every=4, seed=1))
+        result = run_cli(
+            "train",
+            TINY_RECIPE,
+            *tiny_overrides(
+                source,
+                tiny_data,
+                out,
+                architecture=architecture,
+                from_scratch=scratch,
+                max_steps=4,
+                save_every=4,
+                seed=1,
+            ),
+        )
         assert result.exit_code == 0, result.output
         remote = architecture == "block"
         runs[scratch] = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=remote).state_dict()
         assert json.loads((out / "final" / "training.json").read_text())["from_scratch"] == (scratch == "true")
     name = next(n for n in runs["true"] if n.endswith("layers.0.mlp.down_proj.weight"))
     assert layer_distance(runs["true"], runs["false"], name) > 1.0  # independent draws: about sqrt(2)
-    start = (model.state_dict() if architecture == "vanilla" else
-             AutoModelForCausalLM.from_pretrained(converted("llama"), trust_remote_code=True).state_dict())
+    start = (
+        model.state_dict()
+        if architecture == "vanilla"
+        else AutoModelForCausalLM.from_pretrained(converted("llama"), trust_remote_code=True).state_dict()
+    )
     assert layer_distance(runs["false"], start, name) < 0.3
 
 
@@ -295,8 +360,13 @@ def test_compiled_decoders_give_the_eager_run(tiny_source, tiny_data, tmp_path, 
     source, _ = tiny_source("llama")
     curves = {}
     for compiled in ("true", "false"):
-        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / compiled, compile=compiled,
-                                                               max_steps=3, save_every=3, eval_every=3))
+        result = run_cli(
+            "train",
+            TINY_RECIPE,
+            *tiny_overrides(
+                source, tiny_data, tmp_path / compiled, compile=compiled, max_steps=3, save_every=3, eval_every=3
+            ),
+        )
         assert result.exit_code == 0, result.output
         curves[compiled] = losses(tmp_path / compiled)
     torch.testing.assert_close(torch.tensor(curves["true"]), torch.tensor(curves["false"]), rtol=1e-4, atol=0)
@@ -311,8 +381,10 @@ def test_compile_tuning_turns_on_inductors_kernel_tuning(compiled, tuning, tiny_
     from uptrain.train import Trainer
 
     source, _ = tiny_source("llama")
-    recipe = load_recipe(TINY_RECIPE, tiny_overrides(source, tiny_data, tmp_path, compile=str(compiled).lower(),
-                                                     compile_tuning=str(tuning).lower()))
+    recipe = load_recipe(
+        TINY_RECIPE,
+        tiny_overrides(source, tiny_data, tmp_path, compile=str(compiled).lower(), compile_tuning=str(tuning).lower()),
+    )
     with inductor.patch(coordinate_descent_tuning=False):  # inductor's own patch: restored after the test
         Trainer(recipe).setup()
         assert inductor.coordinate_descent_tuning is (compiled and tuning)
@@ -343,10 +415,15 @@ def test_an_unknown_head_falls_back_to_full_logits(tiny_source, tiny_data, tmp_p
     monkeypatch.delitem(architectures.LOGIT_TRANSFORMS, "granite")  # granite divides its logits by 2
     source, _ = tiny_source("granite")
     with pytest.warns(UserWarning, match="fast_loss is off: the model's final states through its LM head differ"):
-        result = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / "a", max_steps=2, save_every=2))
+        result = run_cli(
+            "train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / "a", max_steps=2, save_every=2)
+        )
     assert result.exit_code == 0, result.output
-    plain = run_cli("train", TINY_RECIPE, *tiny_overrides(source, tiny_data, tmp_path / "b", max_steps=2, save_every=2,
-                                                          fast_loss="false"))
+    plain = run_cli(
+        "train",
+        TINY_RECIPE,
+        *tiny_overrides(source, tiny_data, tmp_path / "b", max_steps=2, save_every=2, fast_loss="false"),
+    )
     assert plain.exit_code == 0, plain.output
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # trained on full logits, not on a wrong head
 

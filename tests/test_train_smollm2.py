@@ -15,6 +15,8 @@ from uptrain.data import TokenData, prepare
 pytestmark = pytest.mark.slow  # real weights
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 @torch.no_grad()
 def held_out_loss(folder: Path, data: Path, seq_len: int, windows: int) -> float:
     model = load_block_model(folder)
@@ -29,11 +31,27 @@ def held_out_loss(folder: Path, data: Path, seq_len: int, windows: int) -> float
 def test_thirty_steps_lower_the_held_out_loss(smollm2, run_cli, tmp_path):
     _, folder, _, tokenizer = smollm2
     data = tmp_path / "data"
-    prepare(str(write_docstring_corpus(tmp_path / "corpus.jsonl")), data, tokenizer, val_fraction=0.1, tokenizer_name=str(folder))
+    prepare(
+        str(write_docstring_corpus(tmp_path / "corpus.jsonl")),
+        data,
+        tokenizer,
+        val_fraction=0.1,
+        tokenizer_name=str(folder),
+    )
     out = tmp_path / "run"
-    overrides = [f"source={folder}", f"data={data}", f"output_dir={out}", "seq_len=64", "micro_batch_size=2",
-                 "global_batch_size=2", "max_steps=30", "eval_every=30", "eval_windows=8", "save_every=30",
-                 "tracker=none"]
+    overrides = [
+        f"source={folder}",
+        f"data={data}",
+        f"output_dir={out}",
+        "seq_len=64",
+        "micro_batch_size=2",
+        "global_batch_size=2",
+        "max_steps=30",
+        "eval_every=30",
+        "eval_windows=8",
+        "save_every=30",
+        "tracker=none",
+    ]
     result = run_cli("train", REPO / "recipes" / "tiny-cpu.yaml", *overrides)
     assert result.exit_code == 0, result.output
 

@@ -80,7 +80,9 @@ class BenchSettings:
             if engine not in ENGINES:
                 raise UserError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
         if self.compile and "fast" not in (self.engine, self.baseline_engine):
-            raise UserError("--compile compiles the fast engine's steps: use it with --engine fast or --baseline-engine fast")
+            raise UserError(
+                "--compile compiles the fast engine's steps: use it with --engine fast or --baseline-engine fast"
+            )
 
 
 @dataclass
@@ -134,8 +136,13 @@ def measure(model, settings: BenchSettings, batch_size: int, engine: str | None 
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(settings.seed)
     prompts = torch.randint(0, vocab, (batch_size, settings.prompt_len), generator=generator).to(device)
-    arguments = {"attention_mask": torch.ones_like(prompts), "max_new_tokens": settings.gen_len,
-                 "min_new_tokens": settings.gen_len, "do_sample": False, "pad_token_id": 0}
+    arguments = {
+        "attention_mask": torch.ones_like(prompts),
+        "max_new_tokens": settings.gen_len,
+        "min_new_tokens": settings.gen_len,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
 
     generate = generate_function(model, engine or settings.engine, settings.compile)
 
@@ -164,15 +171,25 @@ def measure(model, settings: BenchSettings, batch_size: int, engine: str | None 
     )
 
 
-def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_result: Callable = lambda: None,
-          engine: str | None = None, deadline: float | None = None) -> None:
+def sweep(
+    model,
+    settings: BenchSettings,
+    label: str,
+    results: list[dict],
+    on_result: Callable = lambda: None,
+    engine: str | None = None,
+    deadline: float | None = None,
+) -> None:
     """Measure every requested batch size, or (auto) 1, 4, 16, ... until the next would not fit, then the
     largest power of two between; append each result to `results` as it comes. An out-of-memory error ends
     the search and is recorded, not raised. `deadline` (a `time.perf_counter()` value): a batch size whose
     runs are predicted to end later is recorded as skipped and ends the search."""
+
     def record(size: int) -> dict:
         late = _past_deadline(results, size, settings, deadline)
-        results.append({"batch_size": size, "skipped": late} if late else _measure_or_oom(model, settings, size, engine))
+        results.append(
+            {"batch_size": size, "skipped": late} if late else _measure_or_oom(model, settings, size, engine)
+        )
         bar.update()
         bar.set_postfix(batch=size, tok_s=f"{results[-1].get('tokens_per_second', 0):,.0f}")
         on_result()
@@ -195,8 +212,9 @@ def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_re
     while size <= settings.max_batch_size:
         if ends(record(size)):
             break
-        grow = next_batch_size(results[-1].get("peak_memory_bytes"), size, factor, budget, _resident(device),
-                               settings.max_batch_size)
+        grow = next_batch_size(
+            results[-1].get("peak_memory_bytes"), size, factor, budget, _resident(device), settings.max_batch_size
+        )
         if grow is None:
             break
         if grow < size * factor:  # the last step: the largest power of two that fits, then stop
@@ -206,7 +224,9 @@ def sweep(model, settings: BenchSettings, label: str, results: list[dict], on_re
     bar.close()
 
 
-def next_batch_size(peak: int | None, size: int, factor: int, budget: float, resident: int, max_size: int) -> int | None:
+def next_batch_size(
+    peak: int | None, size: int, factor: int, budget: float, resident: int, max_size: int
+) -> int | None:
     """The auto search's next batch size after `size`, whose run peaked at `peak` bytes (None: unknown): size *
     factor if it is predicted to fit `budget`, else the largest power of two above `size` that is; None when
     none is. Memory beyond the `resident` weights grows linearly with the batch."""
@@ -228,7 +248,9 @@ def predicted_seconds(measured: list[dict], size: int) -> float:
     last = points[-1]
     exponent = 1.0
     if len(points) == 2 and points[0]["batch_size"] != last["batch_size"]:
-        ratio = math.log(last["seconds"] / points[0]["seconds"]) / math.log(last["batch_size"] / points[0]["batch_size"])
+        ratio = math.log(last["seconds"] / points[0]["seconds"]) / math.log(
+            last["batch_size"] / points[0]["batch_size"]
+        )
         exponent = min(1.0, max(0.5, ratio))
     return last["seconds"] * (size / last["batch_size"]) ** exponent
 
@@ -348,6 +370,7 @@ def environment(device: str) -> dict:
 
 def speedups(model_results: list[dict], baseline_results: list[dict]) -> dict:
     """Throughput ratios: at each batch size both ran, and best against best (each at its own batch size)."""
+
     def ok(results):
         return {r["batch_size"]: r["tokens_per_second"] for r in results if "tokens_per_second" in r}
 
@@ -374,10 +397,16 @@ def format_table(report: dict) -> str:
             continue
         part = report[key]
         engine = f" ({engine_label(part)})" if part.get("engine") else ""
-        lines += [f"{key}: {part['name']}{engine}", "| batch | tokens/s | ms/token | peak memory GiB |", "|---|---|---|---|"]
+        lines += [
+            f"{key}: {part['name']}{engine}",
+            "| batch | tokens/s | ms/token | peak memory GiB |",
+            "|---|---|---|---|",
+        ]
         for r in part["results"]:
             if "tokens_per_second" not in r:
-                lines.append(f"| {r['batch_size']} | {'out of memory' if r.get('out_of_memory') else r.get('skipped')} | | |")
+                lines.append(
+                    f"| {r['batch_size']} | {'out of memory' if r.get('out_of_memory') else r.get('skipped')} | | |"
+                )
                 continue
             memory = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "n/a"
             lines.append(f"| {r['batch_size']} | {r['tokens_per_second']:,.1f} | {r['ms_per_token']:.2f} | {memory} |")
@@ -386,8 +415,10 @@ def format_table(report: dict) -> str:
     if ratio:
         same = ", ".join(f"batch {size}: {value:.2f}x" for size, value in ratio["at_same_batch_size"].items())
         lines.append(f"speed-up at equal batch size: {same or 'no common batch size'}")
-        lines.append(f"speed-up, best throughput vs best throughput: {ratio['best_vs_best']:.2f}x "
-                     f"(batch {ratio['model_best_batch_size']} vs {ratio['baseline_best_batch_size']})")
+        lines.append(
+            f"speed-up, best throughput vs best throughput: {ratio['best_vs_best']:.2f}x "
+            f"(batch {ratio['model_best_batch_size']} vs {ratio['baseline_best_batch_size']})"
+        )
     return "\n".join(lines)
 
 
@@ -406,12 +437,21 @@ def draw(report: dict, path: Path) -> Path | None:
             continue
         points = [r for r in report[key]["results"] if "tokens_per_second" in r]
         engine = f" ({engine_label(report[key])})" if report[key].get("engine") else ""
-        axes.plot([r["batch_size"] for r in points], [r["tokens_per_second"] for r in points], marker=marker,
-                  label=f"{key}: {_short(report[key]['name'])}{engine}")
+        axes.plot(
+            [r["batch_size"] for r in points],
+            [r["tokens_per_second"] for r in points],
+            marker=marker,
+            label=f"{key}: {_short(report[key]['name'])}{engine}",
+        )
     settings = report["settings"]
-    axes.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s",
-             title=f"{settings['scenario']}: {settings['prompt_len']} -> {settings['gen_len']} tokens "
-                   f"({report['environment'].get('gpu', report['environment']['device'])})")
+    axes.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="generated tokens / s",
+        title=f"{settings['scenario']}: {settings['prompt_len']} -> {settings['gen_len']} tokens "
+        f"({report['environment'].get('gpu', report['environment']['device'])})",
+    )
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -421,10 +461,12 @@ def draw(report: dict, path: Path) -> Path | None:
 
 
 def _short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
+    return name if len(name) <= width else "..." + name[-(width - 3) :]
 
 
-def bench(model_spec: str, baseline_spec: str | None, settings: BenchSettings, on_result: Callable = lambda _: None) -> dict:
+def bench(
+    model_spec: str, baseline_spec: str | None, settings: BenchSettings, on_result: Callable = lambda _: None
+) -> dict:
     """Measure the model (and the baseline, one after the other on the same device); returns the report.
     `on_result(report)` is called after every measurement, so that a long run can save what it has."""
     report = {"settings": asdict(settings), "environment": environment(settings.device)}
@@ -433,8 +475,13 @@ def bench(model_spec: str, baseline_spec: str | None, settings: BenchSettings, o
         if spec is None:
             continue
         model = build_model(spec, settings)
-        report[key] = {"name": spec, "engine": engines[key], "compile_steps": settings.compile and engines[key] == "fast",
-                       "parameters": sum(p.numel() for p in model.parameters()), "results": []}
+        report[key] = {
+            "name": spec,
+            "engine": engines[key],
+            "compile_steps": settings.compile and engines[key] == "fast",
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "results": [],
+        }
         sweep(model, settings, key, report[key]["results"], lambda: on_result(report), engines[key])
         release_engines(model)
         del model

@@ -270,13 +270,17 @@ def run_with_plan(decoder: torch.nn.Module, plan: KVPlan, **inputs):
         raise RuntimeError("nested static-cache decoder calls")
     config._attn_implementation = plan.implementation
     try:
-        output = decoder(**inputs, use_cache=False, kv_plan=plan)  # transformers hands kv_plan to every layer's attention
+        output = decoder(
+            **inputs, use_cache=False, kv_plan=plan
+        )  # transformers hands kv_plan to every layer's attention
     finally:
         config._attn_implementation = original
     layers = config.num_hidden_layers
     if plan.seen != set(range(layers)):
-        raise Unsupported(f"{type(decoder).__name__}: {len(plan.seen)} of {layers} layers went through the "
-                          "attention interface; use generate(engine='eager')")
+        raise Unsupported(
+            f"{type(decoder).__name__}: {len(plan.seen)} of {layers} layers went through the "
+            "attention interface; use generate(engine='eager')"
+        )
     return output
 
 
@@ -284,8 +288,10 @@ def static_attention(module, query, key, value, attention_mask, kv_plan: KVPlan 
     """transformers' attention-function signature: query (B, H, q, d), this call's key and value (B, H_kv, q, d)
     -> ((B, q, H, d), None). Writes key and value into `kv_plan`'s buffers, then attends over them."""
     if kv_plan is None:
-        raise Unsupported(f"{type(module).__name__} does not hand the decoder's keyword arguments to its attention; "
-                          "use generate(engine='eager')")
+        raise Unsupported(
+            f"{type(module).__name__} does not hand the decoder's keyword arguments to its attention; "
+            "use generate(engine='eager')"
+        )
     layer = module.layer_idx
     kv_plan.seen.add(layer)
     keys, values = kv_plan.kv.write(layer, key, value, kv_plan)
@@ -457,7 +463,11 @@ def buckets(first: int, count: int, total: int, size: int = BUCKET) -> list[int]
 
 def capture_failed(error: BaseException) -> bool:
     """A CUDA graph could not be captured (an operation that synchronises with the host, say)."""
-    return isinstance(error, RuntimeError) and "captur" in str(error).lower() and not isinstance(error, torch.OutOfMemoryError)
+    return (
+        isinstance(error, RuntimeError)
+        and "captur" in str(error).lower()
+        and not isinstance(error, torch.OutOfMemoryError)
+    )
 
 
 def parameters_key(model) -> tuple:
@@ -504,8 +514,9 @@ class StaticEngine:
     finished until a prefill starts them.
     """
 
-    def __init__(self, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True,
-                 compile_steps: bool = False):
+    def __init__(
+        self, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True, compile_steps: bool = False
+    ):
         self._model = weakref.ref(model)  # `_ENGINES` keeps the engine while the model lives: no strong ref back
         self.key = None  # set by `generate` to what the engine was built for
         self.shape, self.rules = shape, rules
@@ -548,8 +559,16 @@ class StaticEngine:
 
     @classmethod
     @torch.no_grad()
-    def generate(cls, model, input_ids, attention_mask=None, generation_config=None, cuda_graphs: bool = True,
-                 compile_steps: bool = False, **kwargs) -> torch.LongTensor:
+    def generate(
+        cls,
+        model,
+        input_ids,
+        attention_mask=None,
+        generation_config=None,
+        cuda_graphs: bool = True,
+        compile_steps: bool = False,
+        **kwargs,
+    ) -> torch.LongTensor:
         """Like `model.generate` (greedy or sampled, eos, min_new_tokens, left padding) on this engine; returns
         (B, T + max_new_tokens): exactly max_new_tokens per row, pad_token_id after a row's EOS."""
         request = GenerationRequest.of(model, input_ids, attention_mask, generation_config, kwargs)
@@ -559,13 +578,21 @@ class StaticEngine:
 
     @classmethod
     @torch.no_grad()
-    def new_tokens(cls, model, request: GenerationRequest, cuda_graphs: bool = True,
-                   compile_steps: bool = False) -> torch.Tensor:
+    def new_tokens(
+        cls, model, request: GenerationRequest, cuda_graphs: bool = True, compile_steps: bool = False
+    ) -> torch.Tensor:
         """(B, max_new) generated tokens; the model's engine is kept for the next call of the same shape and
         rules (`release_engine(model)` frees it) and discarded on an error."""
         prompt = cls.lay_out(model, request)
-        key = (cls, prompt.shape, request.rules.key, request.input_ids.device, cuda_graphs, compile_steps,
-               parameters_key(model))
+        key = (
+            cls,
+            prompt.shape,
+            request.rules.key,
+            request.input_ids.device,
+            cuda_graphs,
+            compile_steps,
+            parameters_key(model),
+        )
         engine = _ENGINES.get(model)
         if engine is None or engine.key != key:
             release_engine(model)  # free the old buffers before allocating new ones
@@ -580,8 +607,9 @@ class StaticEngine:
 
     @classmethod
     @torch.no_grad()
-    def open(cls, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True,
-             compile_steps: bool = False) -> "StaticEngine":
+    def open(
+        cls, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True, compile_steps: bool = False
+    ) -> "StaticEngine":
         """A new engine, its steps captured; if a capture fails, one whose steps run uncaptured (with a
         warning). Its buffers are freed at once if building it fails (out of memory in a batch sweep, say)."""
         try:
@@ -718,14 +746,17 @@ class BlockEngine(StaticEngine):
     `key_valid` (its valid slots), `context`, `forced`/`n_forced` (its given tokens), and the base's counters.
     """
 
-    def __init__(self, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True,
-                 compile_steps: bool = False):
+    def __init__(
+        self, model, shape: EngineShape, rules: TokenRules, cuda_graphs: bool = True, compile_steps: bool = False
+    ):
         super().__init__(model, shape, rules, cuda_graphs, compile_steps)
         config = model.config
         self.block_length, self.prefix_length = config.block_length, config.prefix_length
         batch, device = shape.batch, self.device
         self.block_kv = StaticKV(config.block_decoder.num_hidden_layers, batch, shape.slots)
-        self.token_kv = StaticKV(config.token_decoder.num_hidden_layers, batch, self.prefix_length + self.block_length - 1)
+        self.token_kv = StaticKV(
+            config.token_decoder.num_hidden_layers, batch, self.prefix_length + self.block_length - 1
+        )
         long = {"dtype": torch.long, "device": device}
         self.context = torch.zeros(batch, model.start_context.shape[0], dtype=model.start_context.dtype, device=device)
         self.key_valid = torch.zeros(batch, shape.slots, dtype=torch.bool, device=device)  # (B, S)
@@ -744,8 +775,9 @@ class BlockEngine(StaticEngine):
 
     @classmethod
     def lay_out(cls, model, request: GenerationRequest) -> BlockPrompt:
-        return BlockPrompt.lay_out(request.input_ids, request.attention_mask, model.config.block_length,
-                                   request.rules.max_new)
+        return BlockPrompt.lay_out(
+            request.input_ids, request.attention_mask, model.config.block_length, request.rules.max_new
+        )
 
     def advance(self, visible: int | None):
         """A token block, then (unless `visible` is None: a prompt's last block) a block step."""
@@ -775,11 +807,15 @@ class BlockEngine(StaticEngine):
             self.context[index] = start
             return
         original = model.block_decoder.config._attn_implementation
-        plan = KVPlan(self.block_kv, slice(0, prompt.blocks), prompt.blocks, prefill=original, rows=rows,
-                      write_valid=real)
+        plan = KVPlan(
+            self.block_kv, slice(0, prompt.blocks), prompt.blocks, prefill=original, rows=rows, write_valid=real
+        )
         hidden = run_with_plan(
-            model.block_decoder, plan, inputs_embeds=model.embed_blocks(prompt.block_ids),
-            attention_mask=prompt.block_mask, position_ids=(prompt.block_mask.cumsum(1) - 1).clamp(min=0),
+            model.block_decoder,
+            plan,
+            inputs_embeds=model.embed_blocks(prompt.block_ids),
+            attention_mask=prompt.block_mask,
+            position_ids=(prompt.block_mask.cumsum(1) - 1).clamp(min=0),
         ).last_hidden_state  # (R, F, D)
         self.context[index] = torch.where(prompt.whole[:, None] > 0, hidden[:, -1], start).to(self.context.dtype)
 
@@ -792,7 +828,11 @@ class BlockEngine(StaticEngine):
             write = slice(0, r) if i == 0 else slice(r + i - 1, r + i)
             plan = KVPlan(self.token_kv, write, visible=write.stop, first_query=write.start)
             logits = run_with_plan(
-                model.token_decoder, plan, inputs_embeds=embeds, position_ids=self.token_positions[i], logits_to_keep=1,
+                model.token_decoder,
+                plan,
+                inputs_embeds=embeds,
+                position_ids=self.token_positions[i],
+                logits_to_keep=1,
             ).logits[:, -1]  # (B, V)
             token = self.emit(logits, given=self.forced[:, i], is_given=i < self.n_forced)  # (B,)
             self.block[:, i] = token
@@ -808,7 +848,10 @@ class BlockEngine(StaticEngine):
         self.key_valid.scatter_(1, self.write_slot[:, None], True)
         plan = KVPlan(self.block_kv, self.write_slot, visible, key_valid=self.key_valid[:, :visible])
         hidden = run_with_plan(
-            model.block_decoder, plan, inputs_embeds=model.embed_blocks(self.block), position_ids=self.block_position,
+            model.block_decoder,
+            plan,
+            inputs_embeds=model.embed_blocks(self.block),
+            position_ids=self.block_position,
         ).last_hidden_state  # (B, 1, D)
         self.context.copy_(hidden[:, -1])
         self.write_slot += self.live
@@ -899,8 +942,11 @@ class BlockGenerationMixin:
         if prompt.blocks:
             positions = (block_mask.cumsum(1) - 1).clamp(min=0)
             hidden = self.block_decoder(
-                inputs_embeds=self.embed_blocks(prompt.block_ids), attention_mask=block_mask, position_ids=positions,
-                use_cache=True, **{cache_arg: block_cache},
+                inputs_embeds=self.embed_blocks(prompt.block_ids),
+                attention_mask=block_mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_arg: block_cache},
             ).last_hidden_state  # (B, F, D)
             context = torch.where(prompt.whole[:, None] > 0, hidden[:, -1], start)
 
@@ -925,8 +971,11 @@ class BlockGenerationMixin:
             block_mask = torch.cat([block_mask, block_mask.new_ones(block_mask.shape[0], 1)], dim=1)
             position = block_mask.sum(1, keepdim=True) - 1  # (A, 1)
             hidden = self.block_decoder(
-                inputs_embeds=self.embed_blocks(block), attention_mask=block_mask, position_ids=position,
-                use_cache=True, **{cache_arg: block_cache},
+                inputs_embeds=self.embed_blocks(block),
+                attention_mask=block_mask,
+                position_ids=position,
+                use_cache=True,
+                **{cache_arg: block_cache},
             ).last_hidden_state  # (A, 1, D)
             context = hidden[:, -1]
             n_forced = torch.zeros_like(rows.produced)
@@ -950,7 +999,10 @@ class BlockGenerationMixin:
         block = []
         for i in range(block_length):
             logits = self.token_decoder(
-                inputs_embeds=embeds, position_ids=step_positions, use_cache=True, logits_to_keep=1,
+                inputs_embeds=embeds,
+                position_ids=step_positions,
+                use_cache=True,
+                logits_to_keep=1,
                 **{cache_arg: cache},
             ).logits[:, -1]  # (A, V)
             chosen = rules.choose(logits, rows.produced, rows.finished, rows=rows.index, batch=tokens.shape[0])

@@ -112,8 +112,11 @@ def _build(cls, values: dict, prefix: str = ""):
     for key in values:
         if key not in known:
             raise UserError(f"unknown recipe key '{prefix}{key}'")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise UserError(f"recipe key '{prefix}{missing[0]}' is required")
     return cls(**{key: _check_value(prefix + key, value, hints[key]) for key, value in values.items()})
@@ -138,7 +141,9 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.precision not in PRECISIONS:
         raise UserError(f"recipe key 'precision' must be one of {', '.join(PRECISIONS)}, got {recipe.precision!r}")
     if recipe.architecture not in ARCHITECTURES:
-        raise UserError(f"recipe key 'architecture' must be one of {', '.join(ARCHITECTURES)}, got {recipe.architecture!r}")
+        raise UserError(
+            f"recipe key 'architecture' must be one of {', '.join(ARCHITECTURES)}, got {recipe.architecture!r}"
+        )
     if recipe.tracker not in TRACKERS:
         raise UserError(f"recipe key 'tracker' must be one of {', '.join(TRACKERS)}, got {recipe.tracker!r}")
     if (recipe.max_steps is None) == (recipe.max_tokens is None):
