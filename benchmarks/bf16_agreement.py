@@ -5,8 +5,9 @@ starts at a near-tie: the noise floor that a fast-vs-eager bf16 comparison has t
     python benchmarks/bf16_agreement.py /tmp/smol-id [--new-tokens 96] [--device cpu] [--out FILE.json]
         [--runs float32/eager,float32/fast,bfloat16/eager,bfloat16/fast,bfloat16/compiled]
 
-The identity conversion needs `--block-layers` = all of the source's layers (DESIGN contract 4): with L_B 1 and
-the default half/half split, the token decoder sees only the prefix vectors and greedy output loops at once.
+The identity conversion needs `--block-layers` = all of the source's layers (contract 4, docs/concepts.md): with
+L_B 1 and the default half/half split, the token decoder sees only the prefix vectors and greedy output loops at
+once.
 
 Greedy tokens of eight prompts (left-padded) from the eager and fast engines (and the compiled one, the fast
 engine with `compile_steps`, where --runs names it) in float32 and bfloat16. For each,

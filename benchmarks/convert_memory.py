@@ -1,6 +1,7 @@
 """Peak resident memory of `uptrain convert` on a random-weight Llama of over 1 GB on disk.
 
-Writes docs/conversion-memory.md. Target: peak RSS under 1.5 x model size + 1 GiB.
+Writes docs/results/conversion-memory/report.md (the results page: docs/results/conversion-memory.md).
+Target: peak RSS under 1.5 x model size + 1 GiB.
 Usage: python benchmarks/convert_memory.py [--workdir DIR]
 """
 
@@ -72,7 +73,7 @@ torch {torch.__version__}, Python {platform.python_version()}.
 The source is read by transformers from its safetensors file, the target is built on the meta device
 (names and shapes only), and target tensors are written in shards of at most 500 MB as they are produced.
 """
-    (REPO / "docs" / "conversion-memory.md").write_text(report)
+    (REPO / "docs" / "results" / "conversion-memory" / "report.md").write_text(report)
     print(report)
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """Per-GPU memory of uptraining under FSDP (full sharding, AdamW, bf16 compute), computed, not measured.
 
 Parameter counts are exact: the source and its Block Transformer conversion are built on the meta device
-from the config alone (nothing downloaded, nothing allocated). The formulas are in docs/multi-gpu.md:
+from the config alone (nothing downloaded, nothing allocated). The formulas are in docs/results/fsdp-memory.md:
 
   sharded (divided by the world size N): 16 bytes a parameter = float32 weight 4 + float32 gradient 4
       + AdamW's two float32 moments 8 (the same 16 as ZeRO's bf16 weight 2 + bf16 gradient 2 + float32

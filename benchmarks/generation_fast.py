@@ -1,12 +1,13 @@
 """Fast generation on a GPU: token checks, then four engines' throughput -> JSON, PNG, kernel table.
 
 On a GPU machine where block-uptrain is installed, one command per part (results land in --out; --budget-s
-bounds a part's time). The numbers and exact commands of the last measurement are in docs/benchmarks.md:
+skips measurements predicted to end later than that many seconds after the start). The measured figures and
+the exact commands behind them are in docs/results/generation-gpu.md and docs/results/token-agreement.md:
 
-    python benchmarks/generation_fast.py --out $OUT --parts check
-    python benchmarks/generation_fast.py --out $OUT --parts decode-heavy --budget-s 530
-    python benchmarks/generation_fast.py --out $OUT --parts profile,prefill-heavy --profile-batch 4096
-    python benchmarks/generation_fast.py --out $OUT --shape SmolLM2-360M --parts decode-heavy,prefill-heavy
+    python benchmarks/generation_fast.py --out parts --parts check
+    python benchmarks/generation_fast.py --out parts --parts decode-heavy --budget-s 530
+    python benchmarks/generation_fast.py --out parts --parts profile,prefill-heavy --profile-batch 4096
+    python benchmarks/generation_fast.py --out parts --shape SmolLM2-360M --parts decode-heavy,prefill-heavy
 
 Part files are named SHAPE-PART.json (and SHAPE-profile-batchN.txt). With the part files of several runs in
 one folder, render them together (results.json with roofline estimates, one PNG per shape and scenario, summary):
@@ -26,17 +27,17 @@ weights; converted here in float32). Every JSON records which.
   must agree on >= 99% of the tokens (a row that diverges once usually differs from there on, so the first
   divergence of each row is recorded too). Random weights give almost flat logits, where bf16 near-ties are
   common. Real weights do not rescue the 99%: any two engines whose kernels sum in different orders flip
-  near-ties (docs/benchmarks.md). benchmarks/bf16_agreement.py checks the sounder criterion on real weights
+  near-ties (docs/results/token-agreement.md). benchmarks/bf16_agreement.py checks the sounder criterion on real weights
   (every bf16 divergence starts at a float32 near-tie).
 - decode-heavy (128 -> 2,048) and prefill-heavy (2,048 -> 128): `uptrain.bench.sweep` (random prompts,
   exactly the new tokens a row, greedy; CUDA-event timing, median of the repeats, torch's peak memory) for
   block fast, block eager, vanilla fast and vanilla hf (transformers' generate), and "compiled" (the fast
   engine with `--compile`'s compiled steps) where a part names it, each over its batch sizes until memory
-  runs short or the part's time budget would be exceeded (a run's time extrapolated from the last two batch
+  runs short or a measurement would end past --budget-s (a run's time extrapolated from the last two batch
   sizes). The fast engines warm up once (that run builds the buffers and captures the graphs), then 2 timed
   runs; the eager ones, host-bound and slow, run once with no warm-up (they follow the fast engines in the same
   process), unless --eager-warmup gives them a warm-up run too: their first run at a large batch can take
-  twice a warmed one (docs/benchmarks.md).
+  twice a warmed one (docs/results/generation-gpu.md).
 - profile: torch.profiler over one block fast run (decode-heavy shape, --profile-new-tokens new tokens) at
   --profile-batch: the kernel table sorted by device time (--profile-engine compiled: the compiled steps).
 """
@@ -270,7 +271,7 @@ class Run:
             report[f"block {name}"] = {**compare(outputs["fast"], outputs["eager"]), "seconds": timings}
             report[f"block compiled {name}"] = compare(outputs["compiled"], outputs["eager"])
             self.log(f"block {name}: {report[f'block {name}']}; compiled: {report[f'block compiled {name}']}")
-            self.write("check-partial.json", report)  # kept if the call's limit stops the part before its end
+            self.write("check-partial.json", report)  # kept if the part is stopped before its end
         from uptrain.vanilla_engine import generate_static
 
         vanilla = self.model("vanilla", torch.float32)
@@ -483,7 +484,7 @@ def render(folder: Path, merged_json: bool = True) -> str:
             target = shape["scenarios"].setdefault(
                 part["scenario"], {k: part[k] for k in ("prompt_len", "gen_len")} | {"results": {}}
             )
-            for label, rows in part["results"].items():  # parts of one label (e.g. two calls' batches) merge by batch
+            for label, rows in part["results"].items():  # parts of one label (e.g. two runs' batches) merge by batch
                 by_batch = {r["batch_size"]: r for r in target["results"].get(label, []) + rows}
                 target["results"][label] = [by_batch[b] for b in sorted(by_batch)]
     for shape in merged["shapes"].values():

@@ -1,6 +1,6 @@
 """Uptraining recovery measured end to end, in one of two setups (`--setup`):
 
-- small (docs/results.md): vanilla and Block Transformer from scratch for N steps, then the vanilla model
+- small (docs/reproducing-the-paper.md): vanilla and Block Transformer from scratch for N steps, then the vanilla model
   converted and uptrained for N/10 steps in several ways.
 - smollm2: the real SmolLM2-135M-Instruct (`--source`, default the embedded GGUF) fine-tuned as it
   is (the fair ceiling) and converted and uptrained with the shipped recipe, with distillation, ...; the
@@ -189,7 +189,7 @@ def stage_samples(work: Path, setup: str, source: str, device: str, new_tokens: 
 
 
 def stage_bench(work: Path, setup: str, source: str) -> None:
-    """Generation throughput of the uptrained block model against its vanilla model (same GPU, same call)."""
+    """Generation throughput of the uptrained block model against its vanilla model (same GPU, same process)."""
     out = work / "bench"
     if (out / "decode.json").is_file():
         return

@@ -1,6 +1,6 @@
 """Figures and a summary of a recovery-protocol run (protocol.py), from its small results only.
 
-    python experiments/recovery/report.py RESULTS_DIR [RESULTS_DIR ...] --out docs/recovery
+    python experiments/recovery/report.py RESULTS_DIR [RESULTS_DIR ...] --out docs/results/recovery-small-scale/recovery
 
 RESULTS_DIR: unpacked result archives (runs/*/train_log.jsonl, scores.json, bench/*.json); later folders
 add runs to earlier ones. Writes OUT.png (held-out loss against steps and against training tokens) and
