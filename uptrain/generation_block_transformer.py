@@ -155,18 +155,19 @@ class RowSampling:
     """Each row's own sampling settings and token limit, for an engine whose rows hold unrelated requests.
 
     Tensors (B,) on the device, written between rounds when a row starts: `temperature` (0: greedy), `top_k`
-    (0: all tokens), `top_p` (1: all), `seeds` (B, 2), `max_new`. A row's n-th generated token is drawn by
-    inverse transform sampling from its warped softmax (temperature, then top-k, then top-p, as transformers'
-    warpers do) with the uniform number of (its seed, n): the same tokens whatever the other rows hold or
-    how many rows the engine has. `mode` is what the steps compute, the least that the live rows need:
-    "greedy", "sample" (temperature only) or "filter" (top-k or top-p too); a row's tokens are the same in
-    every mode that covers it, so captured steps are captured once, in "filter"."""
+    (0: all tokens), `top_p` (1: all), `seeds` (B, 2), `max_new`, `ignore_eos` (EOS does not end the row). A
+    row's n-th generated token is drawn by inverse transform sampling from its warped softmax (temperature,
+    then top-k, then top-p, as transformers' warpers do) with the uniform number of (its seed, n): the same
+    tokens whatever the other rows hold or how many rows the engine has. `mode` is what the steps compute, the
+    least that the live rows need: "greedy", "sample" (temperature only) or "filter" (top-k or top-p too); a
+    row's tokens are the same in every mode that covers it, so captured steps are captured once, in "filter"."""
 
     max_new: torch.Tensor  # (B,) long
     temperature: torch.Tensor  # (B,) float32
     top_k: torch.Tensor  # (B,) long
     top_p: torch.Tensor  # (B,) float32
     seeds: torch.Tensor  # (B, 2) long
+    ignore_eos: torch.Tensor  # (B,) bool
     mode: str = "filter"
 
     MODES: ClassVar[tuple[str, ...]] = ("greedy", "sample", "filter")
@@ -180,13 +181,22 @@ class RowSampling:
             top_k=torch.zeros(batch, **long),
             top_p=torch.ones(batch, device=device),
             seeds=torch.zeros(batch, 2, **long),
+            ignore_eos=torch.zeros(batch, dtype=torch.bool, device=device),
         )
 
     def set_row(
-        self, row: int, max_new: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0
+        self,
+        row: int,
+        max_new: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        ignore_eos: bool = False,
     ):
         """Settings of one row, for the request it starts next."""
         self.max_new[row] = max_new
+        self.ignore_eos[row] = ignore_eos
         self.temperature[row] = temperature
         self.top_k[row] = top_k
         self.top_p[row] = top_p
@@ -318,7 +328,8 @@ class TokenRules:
         column = produced.clamp(max=self.max_new - 1)  # (A,)
         tokens[rows, column] = torch.where(writes, token, tokens[rows, column])
         if len(self.eos):
-            finished |= writes & (token[:, None] == self.eos).any(-1)
+            ends = writes & (token[:, None] == self.eos).any(-1)  # (A,)
+            finished |= ends if self.per_row is None else ends & ~self.per_row.ignore_eos[rows]
         produced += writes.long()
         return writes
 

@@ -92,6 +92,7 @@ class Job:
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_tokens whatever comes (load tests)
     cancelled: bool = False  # set by `Scheduler.cancel`; the worker frees the row at the next round
     tokens: list[int] = field(default_factory=list)  # generated so far (the worker's)
     stream: "TextStream | None" = None  # their text (the worker's)
@@ -286,7 +287,8 @@ class Scheduler:
             if job.cancelled:
                 self.release(row)
                 continue
-            engine.rules.per_row.set_row(row, job.max_tokens, job.temperature, job.top_k, job.top_p, job.seed)
+            settings = (job.max_tokens, job.temperature, job.top_k, job.top_p, job.seed, job.ignore_eos)
+            engine.rules.per_row.set_row(row, *settings)
             engine.prefill(self.prompt_of(job.prompt, job.max_tokens), rows=torch.tensor([row], device=self.device))
             job.stream = TextStream(self.tokenizer, job.stop)
         self.collect()
@@ -325,7 +327,7 @@ class Scheduler:
                 job.tokens.append(token)
                 piece, stopped = job.stream.add(token)
                 pieces.append(piece)
-                if stopped or token in self.eos:
+                if stopped or (token in self.eos and not job.ignore_eos):
                     reason = "stop"
                 elif len(job.tokens) >= job.max_tokens:
                     reason = "length"
