@@ -306,7 +306,7 @@ async def events_of(jobs, events: asyncio.Queue, request: Request):
         while open_jobs:
             try:
                 index, event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError since Python 3.11
                 if await request.is_disconnected():
                     return
                 continue
