@@ -174,6 +174,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "commit": commit,
         "date": datetime.date.today().isoformat(),
+        "load_average_at_start": os.getloadavg(),
         "command": " ".join(sys.argv),
     }
 
@@ -238,6 +239,8 @@ def main():
                 )
         finally:
             served.stop()
+    report["environment"]["load_average_at_end"] = os.getloadavg()
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
 
 
