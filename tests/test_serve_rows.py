@@ -210,6 +210,7 @@ def test_scheduler_queue_cancel_and_limits(converted):
         assert ends == [(2, Finished("length", 2, 6)), (1, Finished("length", 3, 80))]  # the short job first
         assert len(tokens[2]) == 6 and len(tokens[1]) == 80 and len(tokens[0]) < 80
         assert scheduler.load() == {"running": 0, "waiting": 0}
+        assert scheduler.engine.context.grad_fn is None  # no autograd graph grows from round to round
     finally:
         scheduler.close()
     assert not scheduler.thread.is_alive()

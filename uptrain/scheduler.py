@@ -235,6 +235,7 @@ class Scheduler:
             return BlockPrompt.lay_out(tensor, mask, self.block_length, max_tokens)
         return VanillaPrompt(tensor, mask, max_tokens)
 
+    @torch.no_grad()  # the engine's buffers carry over from round to round: no autograd graph may link them
     def work(self):
         try:
             self.engine = self.open_engine()  # in this thread: CUDA graphs are captured where they replay
@@ -262,7 +263,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - one failed round must not stop the server
                 message = traceback.format_exc()
                 print(message, file=sys.stderr, flush=True)
-                for row, job in list(self.jobs.items()) + admitted:
+                for row, job in {**dict(admitted), **self.jobs}.items():
                     job.deliver(Failed("generation failed: " + message.strip().splitlines()[-1]))
                     self.release(row)
                 self.engine.stop(self.engine.rows)
@@ -348,6 +349,7 @@ class Scheduler:
 
     def release(self, row: int):
         self.jobs.pop(row, None)
-        self.free.append(row)
+        if row not in self.free:
+            self.free.append(row)
         with self.condition:
             self.running = len(self.jobs)
