@@ -1,14 +1,15 @@
 """Load test of `uptrain serve`: requests/s, generated tokens/s, time to first token and latency percentiles
 at several concurrencies, for a model and a baseline served the same way (real HTTP on the loopback).
 
-For each model: start `uptrain serve MODEL --port 0` in a subprocess, one warm-up request, then for each
-concurrency C: C client threads send streaming completions (`ignore_eos`, greedy, exactly --max-tokens new
-tokens each) until --requests have been sent or --time-limit has passed, and the ones sent finish; then
-SIGTERM. Prompts are distinct slices of words from a local text file. Bounded in count and time, and only
-ever talks to 127.0.0.1.
+For each model and concurrency C: start `uptrain serve MODEL --port 0 --max-batch B` in a subprocess (B = C
+unless --max-batch is given: the static engine computes all B rows every round, so B is sized to the load),
+one warm-up request, then C client threads send streaming completions (`ignore_eos`, greedy, exactly
+--max-tokens new tokens each) until max(--min-requests, --waves x C) have been sent or --time-limit has
+passed, and the ones sent finish; then SIGTERM. Prompts are distinct slices of words from a local text file.
+Bounded in count and time, and only ever talks to 127.0.0.1.
 
-    python benchmarks/serve_load.py BLOCK_FOLDER --baseline SOURCE [--concurrency 1,4,16,64] \\
-        [--requests 64] [--max-tokens 32] [--prompt-words 48] [--time-limit 240] --output RESULTS.json
+    python benchmarks/serve_load.py BLOCK_FOLDER --baseline SOURCE [--concurrency 1,4,16,64] [--waves 2] \\
+        [--max-tokens 32] [--prompt-words 48] [--threads 1] [--time-limit 240] --output RESULTS.json
 
 Writes the JSON after each concurrency (a run cut short keeps what it measured) and prints a Markdown table.
 """
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Served:
     """`uptrain serve MODEL` in a subprocess on 127.0.0.1 and a free port."""
 
-    def __init__(self, model: str, max_batch: int, max_context: int, extra: list[str]):
+    def __init__(self, model: str, max_batch: int, max_context: int, extra: list[str], threads: int | None):
         command = [
             sys.executable,
             "-m",
@@ -52,7 +53,8 @@ class Served:
             *extra,
         ]
         self.command = command
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
         line = self.process.stdout.readline()
         if "http://" not in line:
             self.process.kill()
@@ -200,45 +202,44 @@ def main():
     parser.add_argument("model")
     parser.add_argument("--baseline")
     parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--requests", type=int, default=64, help="requests a concurrency (at least C)")
+    parser.add_argument("--waves", type=int, default=2, help="requests a client sends, at each concurrency")
+    parser.add_argument("--min-requests", type=int, default=8, help="requests at each concurrency, at least")
+    parser.add_argument("--max-batch", type=int, help="the server's rows (default: the concurrency)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=48)
     parser.add_argument("--time-limit", type=float, default=240.0, help="seconds a concurrency sends requests")
     parser.add_argument("--max-context", type=int, default=256)
+    parser.add_argument("--threads", type=int, help="the server's OMP_NUM_THREADS (default: torch's choice)")
     parser.add_argument("--text", type=Path, default=ROOT / "README.md", help="where the prompts' words come from")
     parser.add_argument("--serve-args", default="--device cpu --dtype float32")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    prompts = prompts_from(args.text, max(args.requests, max(levels)) + 1, args.prompt_words)
+    counts = {c: max(args.min_requests, args.waves * c) for c in levels}
+    prompts = prompts_from(args.text, max(counts.values()) + 1, args.prompt_words)
     report = {"environment": environment(), "settings": {k: str(v) for k, v in vars(args).items()}, "results": {}}
     for label, spec in (("block", args.model), ("vanilla", args.baseline)):
         if spec is None:
             continue
-        served = Served(spec, max(levels), args.max_context, args.serve_args.split())
-        report.setdefault("servers", {})[label] = {"command": " ".join(served.command), "banner": served.banner}
-        try:
-            stream_completion(served.port, spec, prompts[-1], args.max_tokens)  # warm-up
-            for concurrency in levels:
+        for concurrency in levels:
+            rows = args.max_batch or concurrency
+            served = Served(spec, rows, args.max_context, args.serve_args.split(), args.threads)
+            try:
+                stream_completion(served.port, spec, prompts[-1], args.max_tokens)  # warm-up
                 run = load(
-                    served.port,
-                    spec,
-                    prompts,
-                    concurrency,
-                    max(args.requests, concurrency),
-                    args.max_tokens,
-                    args.time_limit,
+                    served.port, spec, prompts, concurrency, counts[concurrency], args.max_tokens, args.time_limit
                 )
-                report["results"].setdefault(label, []).append(run)
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                args.output.write_text(json.dumps(report, indent=2) + "\n")
-                print(
-                    f"{label} C={concurrency}: {run['requests']} requests, {run['tokens_per_second']:.1f} tok/s, "
-                    f"TTFT p50 {run['ttft_p50']:.2f} s",
-                    flush=True,
-                )
-        finally:
-            served.stop()
+            finally:
+                served.stop()
+            run.update(max_batch=rows, server=" ".join(served.command), banner=served.banner)
+            report["results"].setdefault(label, []).append(run)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(report, indent=2) + "\n")
+            print(
+                f"{label} C={concurrency}: {run['requests']} requests, {run['tokens_per_second']:.1f} tok/s, "
+                f"TTFT p50 {run['ttft_p50']:.2f} s",
+                flush=True,
+            )
     report["environment"]["load_average_at_end"] = os.getloadavg()
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
