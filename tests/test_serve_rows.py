@@ -1,9 +1,10 @@
 """What serving relies on below the HTTP layer: each row of a static engine with its own token limit and
 sampling settings (`RowSampling`), whose draws depend on its seed and token index alone; the scheduler's
-queue, cancellation and text stream. References: transformers' warpers, `generate()` alone, a run of the same
-settings in an engine of another size, the tokenizer's decode of the whole sequence."""
+queue, cancellation and text stream; the command's mistakes. References: transformers' warpers, `generate()`
+alone, a run of the same settings in an engine of another size, the tokenizer's decode of the whole sequence."""
 
 import queue
+import socket
 import time
 
 import pytest
@@ -214,3 +215,15 @@ def test_scheduler_queue_cancel_and_limits(converted):
     finally:
         scheduler.close()
     assert not scheduler.thread.is_alive()
+
+
+def test_serve_command_mistakes_are_one_line(converted, run_cli):
+    """A port in use or a bad option: one line on stderr and exit 1, before the model is loaded."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", converted("llama"), "--port", port)
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    result = run_cli("serve", converted("llama"), "--max-batch", 0)
+    assert result.exit_code == 1 and "--max-batch must be at least 1" in result.stderr

@@ -467,8 +467,9 @@ def build_app(service: Service) -> Starlette:
 # -- running it -------------------------------------------------------------------------------------------------
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (0: any free port) and listening."""
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: any free port), not yet listening: the port is taken at once, and
+    connections are refused until the model is ready and `listen()` is called."""
     family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, protocol)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -477,8 +478,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -510,23 +509,27 @@ def serve(
         raise UserError("--max-context must be at least 2")
     if not 0 <= port < 65536:
         raise UserError(f"--port must be in 0..65535, not {port}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_for_inference(spec, device, dtype, gguf_file)
-    limit = context_limit(model)
-    if limit is None and max_context is None:
-        raise UserError(f"cannot tell the context length of {spec}: give --max-context")
-    context = min(n for n in (limit, max_context) if n is not None)
-    scheduler = Scheduler(model, tokenizer, max_batch, context, max_queue)
     try:
-        scheduler.start()
-    except Unsupported as error:
-        raise UserError(f"the fast engine cannot serve {spec}: {first_line(error)}") from None
-    try:
-        sock = listening_socket(host, port)
+        sock = bound_socket(host, port)
     except OSError as error:
-        scheduler.close()
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror or first_line(error)}") from None
+    try:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_for_inference(spec, device, dtype, gguf_file)
+        limit = context_limit(model)
+        if limit is None and max_context is None:
+            raise UserError(f"cannot tell the context length of {spec}: give --max-context")
+        context = min(n for n in (limit, max_context) if n is not None)
+        scheduler = Scheduler(model, tokenizer, max_batch, context, max_queue)
+        try:
+            scheduler.start()
+        except Unsupported as error:
+            raise UserError(f"the fast engine cannot serve {spec}: {first_line(error)}") from None
+    except BaseException:
+        sock.close()
+        raise
+    sock.listen(2048)
     service = Service(scheduler, tokenizer, name or spec, api_key, model.config.vocab_size)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
