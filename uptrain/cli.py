@@ -1,4 +1,5 @@
-"""The `uptrain` command line: convert, generate, data prepare, train, recipes, eval, quickstart, push, bench."""
+"""The `uptrain` command line: convert, generate, data prepare, train, recipes, eval, quickstart, push, bench,
+serve."""
 
 import functools
 import sys
@@ -359,6 +360,49 @@ def bench(
     figure = write_report(report, output)
     typer.echo(format_table(report))
     typer.echo(f"wrote {output}" + (f" and {figure}" if figure else " (install matplotlib for the plot)"))
+
+
+@app.command()
+@reports_user_errors
+def serve(
+    model: Annotated[
+        str, typer.Argument(help="A converted or uptrained folder, or any source convert accepts (the baseline).")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at startup).")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Requests generated together: the engine's rows.")] = 8,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests that may wait for a row; past that a request gets 429.")
+    ] = 64,
+    max_context: Annotated[
+        int | None,
+        typer.Option(help="Tokens a request may hold, prompt and completion (default: the model's context length)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when there is a GPU, else cpu), cuda, cuda:1, cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.")] = "auto",
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="UPTRAIN_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="The name requests give as 'model' (default: MODEL as typed).")
+    ] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file inside MODEL.")] = None,
+):
+    """Serve MODEL over an OpenAI-compatible HTTP API, requests batched continuously on the fast engine.
+
+    Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with
+    "stream": true). A new request joins the running batch at the next block (the next token for a plain
+    model); greedy output equals the model's generate() on the prompt alone, and a sampled one with a "seed"
+    is reproducible. SIGTERM or Ctrl-C: stop accepting, finish the requests in flight, exit.
+    """
+    try:
+        from uptrain.server import serve as run_server
+    except ImportError as error:
+        raise UserError(
+            f"uptrain serve needs the serve extra ({error.name} is missing): pip install 'block-uptrain[serve]'"
+        ) from None
+    run_server(model, host, port, max_batch, max_queue, max_context, device, dtype, api_key, model_name, gguf_file)
 
 
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)

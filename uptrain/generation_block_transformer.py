@@ -42,7 +42,11 @@ live. `prefill(prompt, rows)` starts some rows on new prompts (their cache rows 
 reset) while the other rows keep their state, so a row joins a running batch between two rounds of
 `advance(visible)` (a block for the block model, a token for the vanilla one), the visible bucket covering
 every live row's write slot. A row leaves when it is done (EOS, or its tokens all generated): it stops
-moving and produces padding until a prefill gives it a new prompt. Rows of a new engine are done.
+moving and produces padding until a prefill gives it a new prompt (or `stop(rows)` ends it early). Rows of a
+new engine are done. With `TokenRules.for_rows` each row also has its own token limit and sampling settings
+(`RowSampling`, tensors on the device), and its random draws are a function of its seed and token index
+alone, so that a row's tokens do not depend on what the other rows hold: the engine can serve unrelated
+requests side by side.
 """
 
 import copy
@@ -111,9 +115,136 @@ def make_warpers(settings: GenerationConfig) -> LogitsProcessorList:
     return warpers
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for int64 x in [0, 2**32), in 16-bit halves so that no product overflows."""
+    low = (x & 0xFFFF) * constant
+    high = (((x >> 16) * constant) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the "lowbias32" mixer): nearby inputs give unrelated outputs."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_draws(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One number in [0, 1) for each (seed, counter): seeds (A, 2) as two 32-bit halves, counters (A,) -> (A,)
+    float32, a function of the pair alone (counter-based, like Philox): no generator state, no host
+    synchronisation, the same inside a captured graph."""
+    state = _mix32(seeds[:, 0] ^ 0x9E3779B9)
+    state = _mix32(state ^ seeds[:, 1])
+    state = _mix32(state ^ (counters & _MASK32))
+    return (state >> 8).float() * 2.0**-24
+
+
+def seed_halves(seed: int) -> tuple[int, int]:
+    """A seed of any size as the two 32-bit halves `uniform_draws` takes (its low 64 bits)."""
+    seed &= 2**64 - 1
+    return seed & _MASK32, seed >> 32
+
+
+@dataclass
+class RowSampling:
+    """Each row's own sampling settings and token limit, for an engine whose rows hold unrelated requests.
+
+    Tensors (B,) on the device, written between rounds when a row starts: `temperature` (0: greedy), `top_k`
+    (0: all tokens), `top_p` (1: all), `seeds` (B, 2), `max_new`, `ignore_eos` (EOS does not end the row). A
+    row's n-th generated token is drawn by inverse transform sampling from its warped softmax (temperature,
+    then top-k, then top-p, as transformers' warpers do) with the uniform number of (its seed, n): the same
+    tokens whatever the other rows hold or how many rows the engine has. `mode` is what the steps compute, the
+    least that the live rows need: "greedy", "sample" (temperature only) or "filter" (top-k or top-p too); a
+    row's tokens are the same in every mode that covers it, so captured steps are captured once, in "filter"."""
+
+    max_new: torch.Tensor  # (B,) long
+    temperature: torch.Tensor  # (B,) float32
+    top_k: torch.Tensor  # (B,) long
+    top_p: torch.Tensor  # (B,) float32
+    seeds: torch.Tensor  # (B, 2) long
+    ignore_eos: torch.Tensor  # (B,) bool
+    mode: str = "filter"
+
+    MODES: ClassVar[tuple[str, ...]] = ("greedy", "sample", "filter")
+
+    @classmethod
+    def empty(cls, batch: int, device) -> "RowSampling":
+        long = {"dtype": torch.long, "device": device}
+        return cls(
+            max_new=torch.zeros(batch, **long),
+            temperature=torch.zeros(batch, device=device),
+            top_k=torch.zeros(batch, **long),
+            top_p=torch.ones(batch, device=device),
+            seeds=torch.zeros(batch, 2, **long),
+            ignore_eos=torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+
+    def set_row(
+        self,
+        row: int,
+        max_new: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        ignore_eos: bool = False,
+    ):
+        """Settings of one row, for the request it starts next."""
+        self.max_new[row] = max_new
+        self.ignore_eos[row] = ignore_eos
+        self.temperature[row] = temperature
+        self.top_k[row] = top_k
+        self.top_p[row] = top_p
+        self.seeds[row] = torch.tensor(seed_halves(seed))
+
+    @staticmethod
+    def mode_for(temperature: float, top_k: int, top_p: float) -> str:
+        """The least mode that covers a row with these settings."""
+        if temperature <= 0:
+            return "greedy"
+        return "filter" if top_k > 0 or top_p < 1 else "sample"
+
+    def choose(self, logits, produced, rows: torch.Tensor | None = None):
+        """The next token of each of A rows (A, V) -> (A,): argmax where a row's temperature is 0, else a draw.
+        `rows` (A,): the rows' indices in the batch (None: every row)."""
+        greedy = logits.argmax(-1)
+        if self.mode == "greedy":
+            return greedy
+        pick = (lambda values: values) if rows is None else (lambda values: values[rows])
+        temperature, top_k, top_p = pick(self.temperature), pick(self.top_k), pick(self.top_p)
+        scores = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]  # (A, V)
+        if self.mode == "filter":
+            scores = self.filtered(scores, top_k, top_p)
+        cdf = torch.softmax(scores, dim=-1).cumsum(-1)  # (A, V), in vocabulary order
+        total = cdf[:, -1:]
+        target = torch.minimum(
+            uniform_draws(pick(self.seeds), produced)[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
+        )  # (A, 1) strictly below the total
+        sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
+        return torch.where(temperature > 0, sampled, greedy)
+
+    @staticmethod
+    def filtered(scores, top_k, top_p):
+        """scores (A, V) with tokens outside each row's top-k (ties kept) and top-p nucleus set to -inf."""
+        vocab = scores.shape[1]
+        ranked, order = scores.sort(dim=-1, descending=True, stable=True)  # (A, V)
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        keep = ranked >= ranked.gather(1, (k - 1)[:, None])  # (A, V)
+        probs = torch.softmax(ranked.masked_fill(~keep, float("-inf")), dim=-1)
+        before = probs.cumsum(-1) - probs  # mass of the likelier tokens
+        keep &= (before < top_p[:, None]) | (top_p[:, None] >= 1)
+        keep = torch.empty_like(keep).scatter_(1, order, keep)  # back to vocabulary order
+        return scores.masked_fill(~keep, float("-inf"))
+
+
 @dataclass
 class TokenRules:
-    """What decides and records the generated tokens of one generate call."""
+    """What decides and records the generated tokens of one generate call (or, with `per_row`, of each row)."""
 
     max_new: int
     eos: torch.Tensor  # (E,) long
@@ -122,6 +253,7 @@ class TokenRules:
     warpers: LogitsProcessorList
     sample: bool  # do_sample: draw from the warped softmax, else argmax
     key: tuple  # everything above that a captured graph bakes in
+    per_row: RowSampling | None = None  # each row's settings and limit; `max_new` is then the most of any row
 
     @classmethod
     def from_settings(cls, settings: GenerationConfig, prompt_length: int, device) -> "TokenRules":
@@ -136,6 +268,20 @@ class TokenRules:
         eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
         key = (max_new, tuple(eos_ids), int(pad_id), min_new, sample, sampling)
         return cls(max_new, eos, int(pad_id), min_new, make_warpers(settings), sample, key)
+
+    @classmethod
+    def for_rows(cls, batch: int, max_new: int, eos_ids: list[int], pad_id: int, device) -> "TokenRules":
+        """Rules whose sampling settings and token limits are each row's (`RowSampling`): rows of one engine
+        serving unrelated requests. `max_new` bounds every row's limit."""
+        eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
+        key = (max_new, tuple(eos_ids), int(pad_id), "per row", batch)
+        return cls(max_new, eos, int(pad_id), 0, LogitsProcessorList(), False, key, RowSampling.empty(batch, device))
+
+    def limit(self, rows: torch.Tensor | None = None):
+        """The token limit of `rows` (A,) (None: every row): an int, or (A,) with per-row settings."""
+        if self.per_row is None:
+            return self.max_new
+        return self.per_row.max_new if rows is None else self.per_row.max_new[rows]
 
     @property
     def may_stop_early(self) -> bool:
@@ -152,12 +298,14 @@ class TokenRules:
         distribution as `torch.multinomial` and needs no host synchronisation; finished rows get `pad_id`.
         `rows` (A,): the A rows are these of a batch of `batch`; the draws are made for all of them, so that
         the generator advances the same whichever rows are left, and every engine draws the same numbers for
-        a row.
+        a row. With `per_row` settings each row follows its own (`RowSampling.choose`).
         """
         if len(self.eos) and self.min_new:
             early = (produced < self.min_new)[:, None]  # (A, 1)
             logits.index_copy_(1, self.eos, torch.where(early, float("-inf"), logits.index_select(1, self.eos)))
-        if self.sample:
+        if self.per_row is not None:
+            chosen = self.per_row.choose(logits, produced, rows)
+        elif self.sample:
             logits = logits.float()
             probs = torch.softmax(self.warpers(None, logits) if self.warpers else logits, dim=-1)
             if rows is None:
@@ -174,13 +322,14 @@ class TokenRules:
         """Write each of A rows' token into its row `rows` (A,) of `tokens` (B, max_new), at the row's next
         column, unless it was given (`is_given` (A,), None: none was) or the row is full; update `finished`
         (EOS) and `produced` (A,) in place. Returns which rows wrote (A,)."""
-        writes = produced < self.max_new  # (A,)
+        writes = produced < self.limit(rows)  # (A,)
         if is_given is not None:
             writes &= ~is_given
         column = produced.clamp(max=self.max_new - 1)  # (A,)
         tokens[rows, column] = torch.where(writes, token, tokens[rows, column])
         if len(self.eos):
-            finished |= writes & (token[:, None] == self.eos).any(-1)
+            ends = writes & (token[:, None] == self.eos).any(-1)  # (A,)
+            finished |= ends if self.per_row is None else ends & ~self.per_row.ignore_eos[rows]
         produced += writes.long()
         return writes
 
@@ -681,9 +830,15 @@ class StaticEngine:
         self.produced[rows], self.finished[rows] = produced, finished
         return token
 
+    def stop(self, rows):
+        """End `rows` (an index of the batch) now, as if they had generated EOS: they stop moving."""
+        self.finished[rows] = True
+        self.live[rows] = False
+        self.done.copy_(~self.live.any())
+
     def settle(self):
         """After a round's tokens: which rows are still live, and whether none is (`done`)."""
-        torch.logical_and(~self.finished, self.produced < self.rules.max_new, out=self.live)
+        torch.logical_and(~self.finished, self.produced < self.rules.limit(), out=self.live)
         self.done.copy_(~self.live.any())
 
 
