@@ -117,8 +117,14 @@ def read_curve(output_dir: Path, tokens_per_step: int) -> list[dict]:
     for row in rows:
         elapsed += row.get("train/step_seconds", 0.0)
         if "eval/val_loss" in row:
-            points.append({"step": row["step"], "tokens": row["step"] * tokens_per_step, "loss": row["eval/val_loss"],
-                           "seconds": elapsed})
+            points.append(
+                {
+                    "step": row["step"],
+                    "tokens": row["step"] * tokens_per_step,
+                    "loss": row["eval/val_loss"],
+                    "seconds": elapsed,
+                }
+            )
     return points
 
 
@@ -130,7 +136,12 @@ def train_run(plan: dict, run: dict, seed: int, out: Path, results: dict) -> dic
     source = source_spec(plan)
     output_dir = out / RUNS / f"{run['name']}-s{seed}"
     overrides = [f"seed={seed}", "resume=none", "tracker=none", f"output_dir={output_dir}", *run.get("overrides", [])]
-    record = {"name": run["name"], "seed": seed, "convert": run.get("convert", {}), "overrides": run.get("overrides", [])}
+    record = {
+        "name": run["name"],
+        "seed": seed,
+        "convert": run.get("convert", {}),
+        "overrides": run.get("overrides", []),
+    }
     if run.get("architecture", "block") == "vanilla":
         overrides += [f"source={source}", "architecture=vanilla"]
         model_spec, record["start"] = source, "source"
@@ -144,9 +155,13 @@ def train_run(plan: dict, run: dict, seed: int, out: Path, results: dict) -> dic
     recipe = base_recipe(plan, overrides)
     started = time.perf_counter()
     facts = train(recipe)
-    record.update(wall_seconds=time.perf_counter() - started, tokens=facts["tokens"], steps=facts["steps"],
-                  final_model=facts["final_model"],
-                  curve=read_curve(output_dir, recipe.global_batch_size * recipe.seq_len))
+    record.update(
+        wall_seconds=time.perf_counter() - started,
+        tokens=facts["tokens"],
+        steps=facts["steps"],
+        final_model=facts["final_model"],
+        curve=read_curve(output_dir, recipe.global_batch_size * recipe.seq_len),
+    )
     return record
 
 
@@ -181,7 +196,9 @@ def score_command(args) -> None:
     plan = yaml.safe_load(args.plan.read_text())
     results = json.loads((args.out / "results.json").read_text())
     models = {"source": source_spec(plan)}
-    models.update({f"fresh {name}": str(args.out / CONVERSIONS / name) for name in results["fresh"] if name != "source"})
+    models.update(
+        {f"fresh {name}": str(args.out / CONVERSIONS / name) for name in results["fresh"] if name != "source"}
+    )
     models.update({key: record["final_model"] for key, record in results["runs"].items()})
     windows = heldout_windows(plan)
     requests = {}
@@ -199,7 +216,9 @@ def score_command(args) -> None:
         model, tokenizer = load_for_inference(spec, device=args.device, dtype="float32")
         entry = {"held_out": heldout_loss(model, windows)}
         if plan.get("ood"):
-            ood = text_windows(tokenizer, read_documents([plan["ood"]]), windows[0].numel(), plan.get("ood_windows", 64))
+            ood = text_windows(
+                tokenizer, read_documents([plan["ood"]]), windows[0].numel(), plan.get("ood_windows", 64)
+            )
             entry["ood"] = score(model, tokenizer, ood, batch_size=8, label=label)["loss"]
         if requests:
             entry["zero_shot"] = evaluate_tasks(model, tokenizer, requests, batch_size=32, label=label)
@@ -218,7 +237,7 @@ def samples(model, tokenizer, prompts: list[str]) -> list[str]:
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         output = model.generate(ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        texts.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+        texts.append(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 
@@ -242,8 +261,9 @@ def summary(results: dict) -> dict[str, dict]:
             "seeds": len(records),
             "steps": sorted(points),
             "mean": {step: statistics.mean(p["loss"] for p in group) for step, group in points.items()},
-            "spread": {step: max(p["loss"] for p in group) - min(p["loss"] for p in group)
-                       for step, group in points.items()},
+            "spread": {
+                step: max(p["loss"] for p in group) - min(p["loss"] for p in group) for step, group in points.items()
+            },
             "seconds": {step: statistics.mean(p["seconds"] for p in group) for step, group in points.items()},
             "tokens": {step: group[0]["tokens"] for step, group in points.items()},
         }
@@ -261,7 +281,9 @@ def gap_closed(rows: dict, name: str, step: int) -> float | None:
 def curve_table(results: dict) -> str:
     rows = summary(results)
     steps = sorted({step for row in rows.values() for step in row["mean"]})
-    head = "| run | seeds | fresh | " + " | ".join(f"step {s}" for s in steps) + " | gap closed (last) | seconds (last) |"
+    head = (
+        "| run | seeds | fresh | " + " | ".join(f"step {s}" for s in steps) + " | gap closed (last) | seconds (last) |"
+    )
     lines = [head, "|---|---:|---:|" + "---:|" * len(steps) + "---:|---:|"]
     for name, row in rows.items():
         cells = []
@@ -274,8 +296,11 @@ def curve_table(results: dict) -> str:
         last = row["steps"][-1]
         closed = gap_closed(rows, name, last)
         closed = f"{closed:.1%}" if closed is not None else ""
-        lines.append(f"| {name} | {row['seeds']} | {row['fresh']:.3f} | " + " | ".join(cells)
-                     + f" | {closed} | {row['seconds'][last]:.0f} |")
+        lines.append(
+            f"| {name} | {row['seeds']} | {row['fresh']:.3f} | "
+            + " | ".join(cells)
+            + f" | {closed} | {row['seconds'][last]:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -284,8 +309,9 @@ def score_table(scores: dict) -> str:
     head = "| model | held-out | ood | " + " | ".join(tasks) + " |"
     lines = [head, "|---|---:|---:|" + "---:|" * len(tasks)]
     for label, entry in scores.items():
-        accuracy = [f"{entry['zero_shot'][task]['acc']:.3f}" if task in entry.get("zero_shot", {}) else ""
-                    for task in tasks]
+        accuracy = [
+            f"{entry['zero_shot'][task]['acc']:.3f}" if task in entry.get("zero_shot", {}) else "" for task in tasks
+        ]
         ood = f"{entry['ood']:.3f}" if "ood" in entry else ""
         lines.append(f"| {label} | {entry['held_out']:.3f} | {ood} | " + " | ".join(accuracy) + " |")
     return "\n".join(lines)
@@ -312,8 +338,9 @@ def plot(results: dict, path: Path) -> None:
     for name, row in summary(results).items():
         steps = row["steps"]
         losses = [row["fresh"], *(row["mean"][step] for step in steps)]
-        by_tokens.plot([0, *(row["tokens"][step] / 1e6 for step in steps)], losses, marker="o", markersize=3,
-                       label=name)
+        by_tokens.plot(
+            [0, *(row["tokens"][step] / 1e6 for step in steps)], losses, marker="o", markersize=3, label=name
+        )
         by_time.plot([0, *(row["seconds"][step] for step in steps)], losses, marker="o", markersize=3, label=name)
     for axis, label in ((by_tokens, "training tokens (millions)"), (by_time, "training seconds (mean over seeds)")):
         axis.set_xlabel(label)
