@@ -31,7 +31,11 @@ def convert_options(section: ConvertSection):
     """The `convert` options of a recipe's `convert:` section."""
     from .convert import ConvertOptions
 
-    return ConvertOptions(section.block_length, section.block_layers, section.method, section.prefix_length)
+    return ConvertOptions(
+        block_length=section.block_length, block_layers=section.block_layers, method=section.method,
+        prefix_length=section.prefix_length, token_input_layers=section.token_input_layers, sink=section.sink,
+        block_norm=section.block_norm,
+    )
 
 
 def model_config(spec: str):
