@@ -245,6 +245,20 @@ def test_a_run_resumed_inside_the_stage_equals_the_uninterrupted_run(tiny_source
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in b)
 
 
+@pytest.mark.slow
+def test_the_compiled_stage_gives_the_eager_run(tiny_source, tiny_data, tmp_path, run_cli):  # noqa: F811
+    """`compile=true`: the alignment source's states compiled, the stacks compiled whole; the same curves."""
+    source, _ = tiny_source("llama")
+    curves = {}
+    for compiled in ("true", "false"):
+        out = tmp_path / compiled
+        settings = {"max_steps": 3, "align.steps": 2, "save_every": 3, "eval_every": 3, "compile": compiled}
+        result = run_cli("train", TINY_RECIPE, *align_overrides(source, tiny_data, out, **settings))
+        assert result.exit_code == 0, result.output
+        curves[compiled] = [[r.get(key, 0.0) for r in log_records(out)] for key in ("train/loss", "train/align_loss")]
+    torch.testing.assert_close(torch.tensor(curves["true"]), torch.tensor(curves["false"]), rtol=1e-4, atol=0)
+
+
 # -- refusals ----------------------------------------------------------------------------------------------
 
 
