@@ -319,6 +319,12 @@ def test_refusals_write_nothing(tiny_source, tiny_data, tmp_path, run_cli):  # n
         assert "the align stage needs a model converted with the partition method" in message, message
         assert not out.exists()
 
+    local = tmp_path / "local"  # converted from a local folder: its record names no path to find the source by
+    assert run_cli("convert", source, local, "--block-layers", 2).exit_code == 0
+    message = refused(run_cli, *align_overrides(local, tiny_data, out))
+    assert message.startswith("error: the align stage needs its source: ") and "set distill.teacher" in message
+    assert not out.exists()
+
     unrecorded = tmp_path / "unrecorded"  # a folder without its conversion record: is slot 0 a sink?
     shutil.copytree(tmp_path / "skip", unrecorded)
     (unrecorded / "conversion.json").unlink()
@@ -339,3 +345,18 @@ def test_a_source_of_another_width_is_refused(tiny_source, tiny_data, tmp_path, 
     type(model)(model.config).save_pretrained(narrow)
     message = refused(run_cli, *align_overrides(converted, tiny_data, tmp_path / "out", **{"distill.teacher": narrow}))
     assert "the align stage's source has hidden size 32" in message, message
+
+
+def test_the_card_names_the_stage_and_hidden_distillation():
+    from uptrain.card import model_card
+
+    config = {"token_decoder": {"model_type": "llama"}, "block_length": 4, "prefix_length": 2}
+    training = {"steps": 10, "tokens": 5120}
+    plain = model_card(config, training=training, recipe={"distill": {"enabled": False}, "align": {"steps": 0}})
+    assert "alignment stage" not in plain and "hidden states" not in plain
+    recipe = {"distill": {"enabled": True, "weight": 0.5, "hidden_weight": 0.25},
+              "align": {"steps": 4, "lr": 0.001, "loss": "relative_mse"}}
+    card = model_card(config, training=training, recipe=recipe)
+    assert "| alignment stage | the first 4 steps: block decoder and new parts matched to the source's states " \
+           "(relative_mse, peak learning rate 0.001) |" in card
+    assert "| distillation | weight 0.5, final hidden states weight 0.25 |" in card
