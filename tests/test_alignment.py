@@ -345,6 +345,9 @@ def test_a_source_of_another_width_is_refused(tiny_source, tiny_data, tmp_path, 
     type(model)(model.config).save_pretrained(narrow)
     message = refused(run_cli, *align_overrides(converted, tiny_data, tmp_path / "out", **{"distill.teacher": narrow}))
     assert "the align stage's source has hidden size 32" in message, message
+    hidden = {"align.steps": 0, "distill.enabled": "true", "distill.hidden_weight": 0.5, "distill.teacher": narrow}
+    message = refused(run_cli, *align_overrides(converted, tiny_data, tmp_path / "out", **hidden))
+    assert "distill.hidden_weight needs a teacher whose final states are as wide as the model's (64)" in message
 
 
 def test_the_card_names_the_stage_and_hidden_distillation():
