@@ -199,9 +199,13 @@ def final_weights_of(folder):
     return weights
 
 
-def test_the_schedule_of_the_two_stages(tiny_source, tiny_data, tmp_path, run_cli):  # noqa: F811
+def test_the_schedule_of_the_two_stages(tiny_source, tiny_data, tmp_path, run_cli, monkeypatch):  # noqa: F811
     """The stage warms up to align.lr over 10% of its steps (at least 1), decays by cosine to min_lr_ratio of it;
-    the end-to-end stage then runs the recipe's own schedule over the remaining steps."""
+    the end-to-end stage then runs the recipe's own schedule over the remaining steps. MFU (here of a pretend
+    GPU) is logged for the end-to-end steps only: the stage runs part of the model."""
+    import uptrain.train
+
+    monkeypatch.setattr(uptrain.train, "peak_flops", lambda device: 1e9)
     factors = [staged_lr_factor(s, warmup=2, total=30, min_ratio=0.1, align_steps=20, align_scale=5.0)
                for s in range(31)]
     assert factors[0] == pytest.approx(2.5) and factors[1] == pytest.approx(5.0)  # warm-up: 2 of 20 steps
@@ -221,6 +225,7 @@ def test_the_schedule_of_the_two_stages(tiny_source, tiny_data, tmp_path, run_cl
                                                 recipe.align.lr / recipe.lr)
         assert record["train/lr"] == pytest.approx(expected, rel=1e-12)
     assert ["train/align_loss" in r for r in records] == [True, True, True, False, False]
+    assert ["train/mfu" in r for r in records] == [False, False, False, True, True]
 
 
 @pytest.mark.slow

@@ -199,10 +199,11 @@ class Trainer:
         fused = self.accelerator.device.type == "cuda"
         optimizer, schedule = make_optimizer(model, recipe, self.total_steps, fused)
         self.model, self.optimizer, self.schedule = self.accelerator.prepare(objective, optimizer, schedule)
-        # the prepared parameters (FSDP replaces them with shards): those the alignment stage keeps as they are
-        prepared = self.accelerator.unwrap_model(self.model)
-        trained = {id(param) for param in trained_parameters(prepared.model)} if recipe.align.steps else set()
-        self.frozen_in_alignment = [param for param in prepared.parameters() if id(param) not in trained]
+        self.frozen_in_alignment = []  # of the prepared parameters (FSDP replaces them with shards)
+        if recipe.align.steps:
+            prepared = self.accelerator.unwrap_model(self.model)
+            trained = {id(param) for param in trained_parameters(prepared.model)}
+            self.frozen_in_alignment = [param for param in prepared.parameters() if id(param) not in trained]
         self.distributed = {"type": self.accelerator.distributed_type.value,
                             "processes": self.accelerator.num_processes}
         if self.sharded:
@@ -357,7 +358,8 @@ class RunLog:
 
     def figures(self, metrics: dict, lr: float, seconds: float, rate: float) -> dict:
         """Loss, gradient norm, learning rate, tokens/s (the run's and this step's), MFU on a GPU whose peak is
-        known, and on CUDA the largest of the processes' peak memories (a collective: every process calls it)."""
+        known (not in the alignment stage, which runs part of the model), and on CUDA the largest of the
+        processes' peak memories (a collective: every process calls it); the alignment loss in that stage."""
         device = self.accelerator.device
         step_rate = self.tokens_per_step / max(seconds, 1e-9)
         logs = {"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"]),
@@ -365,7 +367,7 @@ class RunLog:
                 "train/step_tokens_per_s": step_rate}
         if "align_loss" in metrics:
             logs["train/align_loss"] = float(metrics["align_loss"])
-        peak = peak_flops(device)
+        peak = peak_flops(device) if "align_loss" not in metrics else None
         if peak:  # model FLOPs utilisation of this step, per GPU (flops.py has the formula)
             logs["train/mfu"] = step_rate * self.flops_per_token / (peak * self.accelerator.num_processes)
         if device.type == "cuda":
