@@ -74,3 +74,38 @@ def test_initialisation_and_dtype(tiny_source, run_cli, tmp_path):
     assert card.startswith("---\n") and "trust_remote_code=True" in card and "block length | 2" in card
     record = json.loads((out / "conversion.json").read_text())
     assert record["options"]["dtype"] == "bfloat16" and "model.safetensors" in record["source_fingerprint"]["sha256"]
+
+
+def test_the_function_keeping_options_through_the_cli(tiny_source, run_cli, tmp_path):
+    """--token-input-layers, --sink and --block-norm reach `ConvertOptions`: the same folder as the API writes."""
+    from uptrain.convert import ConvertOptions, convert
+
+    folder, _ = tiny_source("llama")
+    flags = ["--token-input-layers", 1, "--sink", "source", "--block-norm", "fresh"]
+    result = run_cli("convert", folder, tmp_path / "cli", "--block-layers", 2, *flags)
+    assert result.exit_code == 0, result.output
+    options = ConvertOptions(block_layers=2, token_input_layers=1, sink="source", block_norm="fresh")
+    convert(str(folder), tmp_path / "api", options)
+    records = [json.loads((tmp_path / name / "conversion.json").read_text()) for name in ("cli", "api")]
+    assert records[0]["options"] == records[1]["options"] == {**records[1]["options"], "token_input_layers": 1,
+                                                               "sink": "source", "block_norm": "fresh"}
+    cli, api = saved_tensors(tmp_path / "cli"), saved_tensors(tmp_path / "api")
+    assert cli.keys() == api.keys() and all(torch.equal(cli[name], api[name]) for name in api)
+
+    shown = run_cli("convert", "--help").output
+    for flag in ("--token-input-layers", "--sink", "--block-norm"):
+        assert flag in shown
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sink", "eos"], "error: unknown sink 'eos': choose one of none, source"),
+    (["--block-norm", "ones"], "error: unknown block norm 'ones': choose one of none, fresh, source"),
+    (["--token-input-layers", -1], "error: --token-input-layers must be 0 or more, got -1"),
+    (["--token-input-layers", 3], "error: --token-input-layers 3 is more than the 2 source layers below the token"),
+])
+def test_bad_function_keeping_options_through_the_cli(flags, message, tiny_source, run_cli, tmp_path):
+    folder, _ = tiny_source("llama")
+    result = run_cli("convert", folder, tmp_path / "out", "--block-layers", 2, *flags)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

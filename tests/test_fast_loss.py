@@ -55,6 +55,45 @@ def test_distillation_fast_equals_plain(tiny_source, converted):
     assert_same_training_signal(student, ids, teacher=teacher.eval(), distill_weight=0.3, temperature=2.0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "granite", "gemma3_text"])
+def test_hidden_state_distillation_fast_equals_plain(family, tiny_source, converted):
+    """CE, KL and the final states' relative MSE together (granite: its head divides the logits; gpt2: dropout
+    off in eval mode, learned positions), fast against plain."""
+    _, teacher = tiny_source(family)
+    student = load_block_model(converted(family))
+    ids = torch.randint(4, 128, (2, 32), generator=torch.Generator().manual_seed(6))
+    settings = dict(distill_weight=0.3, temperature=2.0, hidden_weight=0.7)
+    assert_same_training_signal(student, ids, teacher=teacher.eval(), **settings)
+
+
+def test_hidden_state_distillation_with_soft_capped_logits():
+    """A vanilla student and teacher with Gemma's final soft cap: the term is added to what the head paths give."""
+    config = FAMILIES["gemma3_text"]()
+    config.final_logit_softcapping = 0.5
+    torch.manual_seed(0)
+    student, teacher = (AutoModelForCausalLM.from_config(config, dtype=torch.float32) for _ in range(2))
+    ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+    assert_same_training_signal(student, ids, teacher=teacher.eval(), distill_weight=0.5, hidden_weight=2.0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_hidden_term_against_float64(fast, tiny_source, converted):
+    """hidden_weight x mean over predicted positions of ||s - t||^2 / ||t||^2, with the teacher's final states
+    from its own `output_hidden_states` (after the final norm) and the student's from `next_token_states`."""
+    _, teacher = tiny_source("qwen2")
+    student = load_block_model(converted("qwen2"))
+    ids = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        without, ce = NextTokenObjective(student, fast=fast, teacher=teacher.eval())(ids)
+        with_term, ce_again = NextTokenObjective(student, fast=fast, teacher=teacher, hidden_weight=0.25)(ids)
+        t = teacher(ids, output_hidden_states=True).hidden_states[-1][:, :-1].double()
+        s = student.next_token_states(ids).double()
+    expected = 0.25 * ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1)).mean()
+    assert float(expected) > 0.05
+    torch.testing.assert_close((with_term - without).double(), expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(ce, ce_again)  # the reported cross-entropy is the cross-entropy alone
+
+
 @pytest.mark.slow
 def test_compiled_fast_path_equals_plain(tiny_source, converted):
     """The GPU recipe's path (`apply_compile` with `compile`): decoder stacks compiled whole, the states of

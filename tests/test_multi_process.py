@@ -187,6 +187,31 @@ def test_an_fsdp_checkpoint_resumes_under_fsdp_and_on_one_process(
     assert_close_weights(final_weights(alone), final_weights(fsdp))
 
 
+ALIGN = {"align.steps": 4, "log_every": 1, **DISTILL, "distill.hidden_weight": 0.5}
+
+
+@pytest.mark.slow  # accelerate launches
+def test_the_alignment_stage_under_ddp_and_fsdp(tiny_source, tiny_data, tmp_path, run_cli):  # noqa: F811
+    """4 alignment steps (the token decoder without gradients, which DDP is told to expect), then 4 end-to-end
+    steps with logit and hidden-state distillation: DDP and FSDP give the single-process run."""
+    source, _ = tiny_source("llama")
+    overrides = {name: tiny_overrides(source, tiny_data, tmp_path / name, **STEPS, **ALIGN)
+                 for name in ("one", "ddp", "fsdp")}
+    result = run_cli("train", TINY_RECIPE, *overrides["one"])
+    assert result.exit_code == 0, result.output
+    trained("ddp", overrides["ddp"])
+    trained("fsdp", overrides["fsdp"])
+    one = tmp_path / "one"
+    assert len(log(one, "train/align_loss")) == 4 and len(log(one, "train/loss")) == 8
+    for name in ("ddp", "fsdp"):
+        out = tmp_path / name
+        assert training(out)["distributed"]["processes"] == 2
+        assert training(out)["distributed"]["type"] == {"ddp": "MULTI_CPU", "fsdp": "FSDP"}[name]
+        for key in ("train/loss", "train/align_loss", "eval/val_loss"):
+            torch.testing.assert_close(torch.tensor(log(out, key)), torch.tensor(log(one, key)), rtol=RTOL, atol=0)
+        assert_close_weights(final_weights(out), final_weights(one))
+
+
 def test_processes_without_a_process_group_are_refused(tiny_source, tiny_data, tmp_path, run_cli, monkeypatch):  # noqa: F811
     """What `accelerate launch --config_file recipes/accelerate/fsdp.yaml` gives on a machine without GPUs:
     each process is told it is one of 2 (WORLD_SIZE) but accelerate finds no device for the config's

@@ -50,6 +50,14 @@ def test_overrides_are_dotted_and_typed(tmp_path):
         ("betas=[0.9]", "recipe key 'betas' must have two values"),
         ("micro_batch_size=3", "'global_batch_size' must be a multiple of 'micro_batch_size'"),
         ("lr", "override 'lr' is not key=value"),
+        ("convert.sink=eos", "recipe key 'convert.sink' must be one of none, source, got 'eos'"),
+        ("convert.block_norm=ones", "recipe key 'convert.block_norm' must be one of none, fresh, source, got 'ones'"),
+        ("convert.method=shuffle", "recipe key 'convert.method' must be one of partition, skip, duplicate"),
+        ("convert.token_input_layers=-1", "recipe key 'convert.token_input_layers' must be 0 or more"),
+        ("convert.token_input_layers=two", "recipe key 'convert.token_input_layers' must be int, got 'two'"),
+        ("convert.prefix_length=0", "recipe key 'convert.prefix_length' must be at least 1"),
+        ("distill.hidden_weight=0.5", "recipe key 'distill.hidden_weight' needs distill.enabled: true"),
+        ("distill.hidden_weight=-1", "recipe key 'distill.hidden_weight' must be 0 or more, got -1.0"),
     ],
 )
 def test_bad_recipe_keys(override, message):
@@ -79,3 +87,31 @@ def test_architecture_is_checked():
         load_recipe(path, ["architecture=moe"])
     with pytest.raises(UserError, match="recipe key 'from_scratch' must be bool"):
         load_recipe(path, ["from_scratch=maybe"])
+
+
+def test_the_convert_section_reaches_the_conversion():
+    """Every key of a recipe's `convert:` section is passed to `ConvertOptions` by name."""
+    from uptrain.models import convert_options
+
+    keys = ["convert.token_input_layers=2", "convert.sink=source", "convert.block_norm=fresh", "convert.block_length=2",
+            "convert.block_layers=3", "convert.method=partition", "convert.prefix_length=3"]
+    options = convert_options(load_recipe(Path(RECIPES[0]).parent / "tiny-cpu.yaml", keys).convert)
+    assert (options.token_input_layers, options.sink, options.block_norm) == (2, "source", "fresh")
+    assert (options.block_length, options.block_layers, options.method, options.prefix_length) == (2, 3, "partition", 3)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_list_the_recovery_keys_with_their_defaults(path):
+    """The conversion options, hidden-state distillation and the alignment stage are written out, at their defaults."""
+    import dataclasses
+
+    import yaml
+
+    from uptrain.recipe import AlignSection, ConvertSection
+
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw["convert"]) == {f.name for f in dataclasses.fields(ConvertSection)}
+    recipe = load_recipe(path)
+    for key in ("token_input_layers", "sink", "block_norm"):
+        assert getattr(recipe.convert, key) == getattr(ConvertSection(), key)
+    assert raw["align"] == dataclasses.asdict(AlignSection()) and raw["distill"]["hidden_weight"] == 0.0

@@ -108,8 +108,13 @@ def _training_section(training: dict | None, recipe: dict | None) -> str:
             ("sequences a step", recipe.get("global_batch_size")),
             ("peak learning rate", recipe.get("lr")),
             ("precision", recipe.get("precision")),
-            ("distillation", f"weight {distill.get('weight')}" if distill.get("enabled") else "off"),
+            ("distillation", _distillation(distill)),
         ]
+        align = recipe.get("align") or {}
+        if align.get("steps"):
+            rows.append(("alignment stage", f"the first {align['steps']} steps: block decoder and new parts matched "
+                                            f"to the source's states ({align.get('loss')}, peak learning rate "
+                                            f"{align.get('lr')})"))
     if training.get("train_loss") is not None:
         rows.append(("last training loss", f"{training['train_loss']:.4f}"))
     held_out = training.get("eval") or {}
@@ -117,6 +122,13 @@ def _training_section(training: dict | None, recipe: dict | None) -> str:
         rows.append(("held-out loss", f"{held_out['val_loss']:.4f}"))
         rows.append(("held-out perplexity", f"{held_out['val_perplexity']:.2f}"))
     return "## Training\n\n" + _table(rows)
+
+
+def _distillation(distill: dict) -> str:
+    if not distill.get("enabled"):
+        return "off"
+    hidden = distill.get("hidden_weight")
+    return f"weight {distill.get('weight')}" + (f", final hidden states weight {hidden}" if hidden else "")
 
 
 def _evaluation_section(evaluation: dict | None) -> str:

@@ -131,3 +131,17 @@ def distillation_chunks(teacher_weight: torch.Tensor, teacher_bias: torch.Tensor
         return (1 - weight) * ce + weight * temperature**2 * kl, ce
 
     return loss
+
+
+@torch.no_grad()
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          labels: torch.Tensor, transform: Callable = lambda z: z,
+                          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Mean cross-entropy (-100 ignored) of `transform(hidden @ weight.T + bias)` against labels (R,), chunk by
+    chunk and without gradients: for a figure to report, not to train on."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = F.linear(hidden[start : start + chunk_rows], weight, bias).float()  # (C, V)
+        total += F.cross_entropy(transform(logits), labels[start : start + chunk_rows], ignore_index=-100,
+                                 reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)

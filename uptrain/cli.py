@@ -56,13 +56,27 @@ def convert(
     dtype: Annotated[
         str, typer.Option(help="Weight dtype of the output: auto (the source's), float32, bfloat16, float16.")
     ] = "auto",
+    token_input_layers: Annotated[
+        int, typer.Option(help="The token decoder also gets copies of the source's first N layers, before its own.")
+    ] = 0,
+    sink: Annotated[
+        str,
+        typer.Option(help="none, or source: one more prefix slot holding the source's state of EOS at position 0."),
+    ] = "none",
+    block_norm: Annotated[
+        str,
+        typer.Option(help="The block decoder's final norm: none (dropped), fresh (new, trained) or source (copied)."),
+    ] = "none",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists and is not empty.")] = False,
 ):
     """Convert a pretrained decoder-only model into a Block Transformer folder."""
     from uptrain.convert import ConvertOptions
     from uptrain.convert import convert as run_convert
 
-    options = ConvertOptions(block_length, block_layers, method, prefix_length, dtype)
+    options = ConvertOptions(
+        block_length=block_length, block_layers=block_layers, method=method, prefix_length=prefix_length, dtype=dtype,
+        token_input_layers=token_input_layers, sink=sink, block_norm=block_norm,
+    )
     path = run_convert(source, out, options, gguf_file=gguf_file, overwrite=overwrite)
     typer.echo(f"converted {source} -> {path}")
 

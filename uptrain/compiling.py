@@ -18,8 +18,9 @@ def apply_compile(objective: NextTokenObjective, *, compile: bool, tuning: bool,
         `layer_idx` would make dynamo recompile per layer, past its limit, and leave the rest eager). These
         graphs serve evaluation, the plain loss and FSDP;
       - the fast loss's states of student and teacher are compiled as one graph each, from token ids to final
-        states, so that the embeddings, the window gathers and the casts around the stacks fuse with them;
-        not under FSDP (`sharded`), whose per-layer hooks cut graphs anyway;
+        states, so that the embeddings, the window gathers and the casts around the stacks fuse with them,
+        and so are the alignment source's states; not under FSDP (`sharded`), whose per-layer hooks cut
+        graphs anyway;
       - the chunk loss and its gradient are compiled into one fused function per chunk;
       - under FSDP the recompile limit is raised above twice the layer count: FSDP's hooks cut each stack's
         graph at every layer, and each layer compiles apart;
@@ -41,6 +42,8 @@ def apply_compile(objective: NextTokenObjective, *, compile: bool, tuning: bool,
     else:
         objective.student_rows = torch.compile(objective.student_rows)
         objective.teacher_rows = torch.compile(objective.teacher_rows)
+        if objective.alignment is not None:
+            objective.alignment.source_states = torch.compile(objective.alignment.source_states)
     objective.chunk_gradient.function = torch.compile(objective.chunk_gradient.function)
     if tuning:
         import torch._inductor.config as inductor

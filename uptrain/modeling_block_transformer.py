@@ -106,12 +106,17 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
         that stage is applied here so that the prefix enters its first layer unchanged.
         """
         r = self.config.prefix_length
-        prefix = self.expansion(context).unflatten(-1, (r, -1))  # (..., r, D)
+        prefix = self.prefix_states(context)  # (..., r, D)
         stage = self.config.embedding_stage
         if stage.get("position_embedding"):
             table = getattr(self.token_decoder.base_model, stage["position_embedding"])
             prefix = prefix - table(torch.arange(r, device=prefix.device))
         return prefix / stage.get("scale", 1.0)
+
+    def prefix_states(self, context: torch.Tensor) -> torch.Tensor:
+        """(..., D) context states -> (..., r, D) prefix vectors as residual-stream states (what the prefix slots
+        hold when the token decoder's first layer reads them)."""
+        return self.expansion(context).unflatten(-1, (self.config.prefix_length, -1))
 
     def window_position_ids(self, device) -> torch.Tensor:
         """Position ids inside a token-decoder window, the same in training and in generation: (r+L-1,)."""
@@ -180,10 +185,10 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
         states = states[:, -self.config.block_length :].reshape(batch, length, -1)  # states[:, u] ~ token u
         return states[:, 1:]
 
-    def token_windows(self, ids: torch.Tensor, mask: torch.Tensor | None, past_end: bool):
-        """Token-decoder inputs for every block of anchored (B, N*L) ids: windows (B*W, r+L-1, D) and their
-        position ids, W = N+1 with the block past the end, else N. Window j holds block j's prefix (from the
-        context before it) and its first L-1 tokens."""
+    def block_contexts(self, ids: torch.Tensor, mask: torch.Tensor | None, past_end: bool) -> torch.Tensor:
+        """Anchored (B, N*L) ids -> contexts (B, W, D), context[:, j] serving block j: the start context for
+        block 0 (and a row's first block after padding), else the block decoder's output at block j-1. W = N+1
+        with the block past the end, else N."""
         batch, length = ids.shape
         block_length = self.config.block_length
         blocks = length // block_length
@@ -196,11 +201,20 @@ class BlockTransformerForCausalLM(BlockGenerationMixin, BlockTransformerPreTrain
             inputs_embeds=self.embed_blocks(ids), attention_mask=block_mask, position_ids=block_positions
         ).last_hidden_state  # (B, N, D)
         start = self.start_context.to(hidden.dtype).expand(batch, 1, -1)
-        # (B, W, D): context[:, j] serves block j
-        context = torch.cat([start, hidden if past_end else hidden[:, :-1]], dim=1)
+        context = torch.cat([start, hidden if past_end else hidden[:, :-1]], dim=1)  # (B, W, D)
         if block_mask is not None:  # a block after padding is a row's first block: it starts from start_context
             after_real = F.pad(block_mask, (1, 0)).bool()[:, : context.shape[1], None]  # (B, W, 1)
             context = torch.where(after_real, context, start)
+        return context
+
+    def token_windows(self, ids: torch.Tensor, mask: torch.Tensor | None, past_end: bool):
+        """Token-decoder inputs for every block of anchored (B, N*L) ids: windows (B*W, r+L-1, D) and their
+        position ids, W = N+1 with the block past the end, else N. Window j holds block j's prefix (from the
+        context before it) and its first L-1 tokens."""
+        batch, length = ids.shape
+        block_length = self.config.block_length
+        blocks = length // block_length
+        context = self.block_contexts(ids, mask, past_end)  # (B, W, D)
 
         window_tokens = ids.view(batch, blocks, block_length)[..., :-1]  # (B, N, L-1)
         if past_end:

@@ -31,7 +31,11 @@ def convert_options(section: ConvertSection):
     """The `convert` options of a recipe's `convert:` section."""
     from .convert import ConvertOptions
 
-    return ConvertOptions(section.block_length, section.block_layers, section.method, section.prefix_length)
+    return ConvertOptions(
+        block_length=section.block_length, block_layers=section.block_layers, method=section.method,
+        prefix_length=section.prefix_length, token_input_layers=section.token_input_layers, sink=section.sink,
+        block_norm=section.block_norm,
+    )
 
 
 def model_config(spec: str):
@@ -96,9 +100,9 @@ def initial_model(config, architecture: str, section: ConvertSection) -> nn.Modu
 
 
 def teacher_spec(recipe: Recipe) -> str:
-    """The distillation teacher: `distill.teacher`, else the vanilla source, which is `source` unless that is a
-    converted folder; then its conversion record names the source, found again only when it is a hub id
-    (records name a local source without its path)."""
+    """The distillation teacher, also the align stage's source: `distill.teacher`, else the vanilla source,
+    which is `source` unless that is a converted folder; then its conversion record names the source, found
+    again only when it is a hub id (records name a local source without its path)."""
     if recipe.distill.teacher is not None:
         return recipe.distill.teacher
     if not is_block_folder(recipe.source):
@@ -106,7 +110,8 @@ def teacher_spec(recipe: Recipe) -> str:
     record = read_json(Path(recipe.source) / CONVERSION) or {}
     if "hub_id" not in record.get("source_fingerprint", {}):
         named = f" ({record['source']})" if record.get("source") else ""
-        raise UserError(f"distillation needs its teacher: {recipe.source} was converted from a local "
+        need = "distillation needs its teacher" if recipe.distill.enabled else "the align stage needs its source"
+        raise UserError(f"{need}: {recipe.source} was converted from a local "
                         f"model{named}; set distill.teacher to that model's path")
     return record["source"]
 

@@ -1,4 +1,5 @@
-"""What the trainer differentiates: the next-token loss of a causal LM, block or vanilla.
+"""What the trainer differentiates: the next-token loss of a causal LM, block or vanilla, and the alignment
+stage's loss.
 
 `NextTokenObjective` wraps the model so that the whole loss runs inside one `forward` (what DDP and FSDP
 wrap and hook). Two paths compute the same function:
@@ -6,6 +7,9 @@ wrap and hook). Two paths compute the same function:
   logits and their float32 copies never exist;
 - plain: `model(ids).logits`, then the loss over full logits (the reference the fast path is tested
   against, and the fallback for heads the fast path does not know).
+With a teacher, distillation adds its KL over the logits and, with `hidden_weight`, the relative MSE of the
+final states (what each head consumes, after the final norm) at the same positions. With a `PrefixAlignment`,
+`forward(ids, align=True)` gives the alignment stage's loss instead (`alignment.py`).
 """
 
 import warnings
@@ -14,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .alignment import PrefixAlignment, relative_mse
 from .architectures import decoder_layers, is_block_model, output_head
 from .chunked_loss import (
     DEFAULT_CHUNK_ROWS,
     ChunkGradient,
+    chunked_cross_entropy,
     chunked_head_loss,
     cross_entropy_chunks,
     distillation_chunks,
@@ -47,14 +53,16 @@ def distillation_loss(student, teacher, labels, weight: float, temperature: floa
 
 
 class NextTokenObjective(nn.Module):
-    """forward(ids (B, T)) -> (loss to differentiate, mean cross-entropy), with an optional frozen teacher.
+    """forward(ids (B, T)) -> (loss to differentiate, mean cross-entropy), with an optional frozen teacher and an
+    optional alignment stage.
 
-    The teacher (a causal LM without gradients) is held outside the module's parameters, so optimisers,
-    checkpoints and DDP see the student alone.
+    The teacher (a causal LM without gradients) and the alignment's source are held outside the module's
+    parameters, so optimisers, checkpoints and DDP see the student alone.
     """
 
     def __init__(self, model: nn.Module, fast: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                 teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 1.0):
+                 teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 1.0,
+                 hidden_weight: float = 0.0, alignment: PrefixAlignment | None = None):
         super().__init__()
         self.model = model
         self.fast = fast
@@ -62,6 +70,8 @@ class NextTokenObjective(nn.Module):
         self._teacher = [teacher] if teacher is not None else []  # a list: not registered as a submodule
         self.distill_weight = distill_weight
         self.temperature = temperature
+        self.hidden_weight = hidden_weight if teacher is not None else 0.0
+        self.alignment = alignment
         _, _, transform = output_head(model)
         if teacher is None:
             chunk_loss = cross_entropy_chunks(transform)
@@ -89,12 +99,17 @@ class NextTokenObjective(nn.Module):
         transformer auto-wrap policy shards one by one when the accelerate config names none itself."""
         return sorted({type(layer).__name__ for layer in decoder_layers(self.model)})
 
-    def forward(self, ids: torch.Tensor, logits: bool = False):
+    def forward(self, ids: torch.Tensor, logits: bool = False, align: bool = False, report: bool = True):
         """(loss to differentiate, mean cross-entropy); with `logits=True` the model's (B, T, V) logits instead,
         for evaluation: under FSDP every use of the weights must go through this module's forward, whose
-        hooks gather the sharded parameters (the LM head included, which the fast loss reads directly)."""
+        hooks gather the sharded parameters (the LM head included, which the fast loss reads directly).
+
+        `align=True`: (alignment loss, mean cross-entropy without gradients), the cross-entropy only when
+        `report` (else None): it costs a pass through the token decoder that the stage does not train."""
         if logits:
             return self.model(ids).logits
+        if align:
+            return self.alignment(self.model, ids), (self.reported_cross_entropy(ids) if report else None)
         return self.fast_loss(ids) if self.fast else self.plain_loss(ids)
 
     def plain_loss(self, ids):
@@ -105,6 +120,9 @@ class NextTokenObjective(nn.Module):
         with torch.no_grad():
             teacher_logits = self.teacher(ids).logits
         loss, ce = distillation_loss(logits, teacher_logits, ids, self.distill_weight, self.temperature)
+        if self.hidden_weight:  # the model's logits do not expose its final states: a second pass gives them
+            states = next_token_states(self.model, ids).flatten(0, 1)  # (B*(T-1), D)
+            loss = loss + self.hidden_weight * relative_mse(states.float(), self.teacher_rows(ids).float())
         return loss, ce.detach()
 
     def fast_loss(self, ids):
@@ -116,7 +134,22 @@ class NextTokenObjective(nn.Module):
         weight, bias, _ = output_head(self.model)
         total, reported = chunked_head_loss(states, weight, bias, self.chunk_gradient, row_inputs, self.chunk_rows)
         count = labels.numel()
-        return total / count, reported / count
+        loss = total / count
+        if self.hidden_weight:
+            loss = loss + self.hidden_weight * relative_mse(states.float(), row_inputs[1].float())
+        return loss, reported / count
+
+    def reported_cross_entropy(self, ids) -> torch.Tensor:
+        """The mean cross-entropy, without gradients and without drawing from the random generators (dropout's
+        draws here would make a run depend on how often it reports)."""
+        rng_devices = [ids.device] if ids.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+            if not self.fast:
+                logits = self.model(ids).logits  # (B, T, V)
+                return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            weight, bias, transform = output_head(self.model)
+            return chunked_cross_entropy(self.student_rows(ids), weight, bias, ids[:, 1:].flatten(), transform,
+                                         self.chunk_rows)
 
 
 @torch.no_grad()

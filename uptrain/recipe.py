@@ -13,6 +13,7 @@ from .errors import UserError
 PRECISIONS = ("fp32", "bf16", "fp16")
 ARCHITECTURES = ("block", "vanilla")
 TRACKERS = ("tensorboard", "wandb", "none")
+ALIGN_LOSSES = ("relative_mse", "cosine")
 
 
 @dataclass
@@ -23,16 +24,31 @@ class ConvertSection:
     block_layers: int | None = None
     method: str = "partition"
     prefix_length: int = 2
+    token_input_layers: int = 0
+    sink: str = "none"
+    block_norm: str = "none"
 
 
 @dataclass
 class DistillSection:
-    """KL to a frozen teacher's logits mixed with the cross-entropy: (1-weight)*CE + weight*T^2*KL."""
+    """A frozen teacher: (1-weight)*CE + weight*T^2*KL(teacher || student) + hidden_weight*relative MSE of the
+    final states (what each head consumes) at the same positions."""
 
     enabled: bool = False
     teacher: str | None = None  # default: the vanilla source model
     weight: float = 0.5
     temperature: float = 1.0
+    hidden_weight: float = 0.0
+
+
+@dataclass
+class AlignSection:
+    """The alignment stage (`uptrain/alignment.py`): the run's first `steps` optimizer steps train the block decoder
+    and the new parts so that the prefix vectors match the source's states; 0: no such stage."""
+
+    steps: int = 0
+    lr: float = 1e-3  # peak learning rate of the stage
+    loss: str = "relative_mse"  # relative_mse | cosine
 
 
 @dataclass
@@ -68,6 +84,7 @@ class Recipe:
     compile: bool = False  # torch.compile the model, ids to final states, and the chunk loss (compiling.apply_compile)
     compile_tuning: bool = False  # with compile: inductor tunes its GPU kernels' block sizes (minutes more compilation)
     distill: DistillSection = field(default_factory=DistillSection)
+    align: AlignSection = field(default_factory=AlignSection)
 
     def total_steps(self) -> int:
         if self.max_steps is not None:
@@ -155,7 +172,60 @@ def validate(recipe: Recipe) -> Recipe:
     for key in ("seq_len", "micro_batch_size", "global_batch_size", "eval_every", "save_every", "log_every"):
         if getattr(recipe, key) < 1:
             raise UserError(f"recipe key '{key}' must be at least 1")
+    validate_convert(recipe.convert)
+    validate_distill(recipe.distill)
+    validate_align(recipe)
     return recipe
+
+
+def one_of(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"recipe key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate_convert(section: ConvertSection) -> None:
+    from .convert import BLOCK_NORMS, METHODS, SINKS  # the choices `uptrain convert` offers
+
+    one_of("convert.method", section.method, METHODS)
+    one_of("convert.sink", section.sink, SINKS)
+    one_of("convert.block_norm", section.block_norm, BLOCK_NORMS)
+    for key in ("block_length", "prefix_length"):
+        if getattr(section, key) < 1:
+            raise UserError(f"recipe key 'convert.{key}' must be at least 1")
+    if section.block_layers is not None and section.block_layers < 1:
+        raise UserError("recipe key 'convert.block_layers' must be at least 1")
+    if section.token_input_layers < 0:
+        raise UserError("recipe key 'convert.token_input_layers' must be 0 or more")
+
+
+def validate_distill(section: DistillSection) -> None:
+    if section.hidden_weight < 0:
+        raise UserError(f"recipe key 'distill.hidden_weight' must be 0 or more, got {section.hidden_weight}")
+    if section.hidden_weight > 0 and not section.enabled:
+        raise UserError("recipe key 'distill.hidden_weight' needs distill.enabled: true (the teacher's final states)")
+
+
+def validate_align(recipe: Recipe) -> None:
+    """The stage's own keys, and what it needs of the run (checks that need the model: `alignment.check_model`)."""
+    align = recipe.align
+    one_of("align.loss", align.loss, ALIGN_LOSSES)
+    if align.steps < 0:
+        raise UserError(f"recipe key 'align.steps' must be 0 or more, got {align.steps}")
+    if align.steps == 0:
+        return
+    if align.steps > recipe.total_steps():
+        raise UserError(f"recipe key 'align.steps' ({align.steps}) is longer than the run "
+                        f"({recipe.total_steps()} steps)")
+    if align.lr <= 0 or recipe.lr <= 0:
+        raise UserError("recipe keys 'align.lr' and 'lr' must be positive with an align stage")
+    if recipe.architecture != "block" or recipe.from_scratch:
+        raise UserError("the align stage needs a converted Block Transformer (architecture: block, "
+                        "from_scratch: false)")
+    from .architectures import is_block_folder
+
+    if not is_block_folder(recipe.source) and recipe.convert.method != "partition":
+        raise UserError(f"the align stage needs convert.method partition, got {recipe.convert.method!r}: only there "
+                        "is the block decoder's output the source's state after its first K layers")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -4,8 +4,13 @@ A step is a pure function of (recipe, step, process rank): the batch comes from 
 sample index, so a run resumed from a checkpoint continues exactly where an uninterrupted run would be.
 The same loop trains a Block Transformer (converted from `source`, or from scratch) and, for baselines,
 the vanilla `source` itself (pretrained or from scratch). Its parts: `models` builds the model and the
-teacher, `objective` holds the loss, `compiling` makes every compile decision, `checkpoints` saves and
-resumes; this module sets them up and runs the loop.
+teacher, `objective` holds the loss, `alignment` the alignment stage's, `compiling` makes every compile
+decision, `checkpoints` saves and resumes; this module sets them up and runs the loop.
+
+With `align.steps`, the run's first steps are the alignment stage: the block decoder and the new parts learn
+the source's states (`alignment.py`) with their own warm-up and cosine, every other weight unchanged; the
+end-to-end stage follows with the recipe's schedule over the remaining steps. One optimizer serves both:
+AdamW skips parameters without gradients, and the stage's frozen ones have none when it steps.
 """
 
 import contextlib
@@ -20,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .architectures import is_block_folder, is_block_model
+from .alignment import PrefixAlignment, check_recipe, model_layout, sink_slots, source_stack, trained_parameters
+from .architectures import is_block_folder, is_block_model, output_head
 from .checkpoints import complete_checkpoints, load_checkpoint, resume_point, save_checkpoint
 from .compiling import apply_compile
 from .errors import UserError
 from .flops import peak_flops, training_flops_per_token
-from .models import HALF_PRECISION, load_teacher, teacher_on, training_model
+from .models import HALF_PRECISION, load_teacher, teacher_on, teacher_spec, training_model
 from .objective import NextTokenObjective, fast_loss_fits
 from .recipe import Recipe, dump_recipe, public_recipe
 from .records import CONVERSION, TRAINING, read_json, write_json
@@ -43,6 +49,16 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def staged_lr_factor(step: int, warmup: int, total: int, min_ratio: float, align_steps: int = 0,
+                     align_scale: float = 1.0) -> float:
+    """The factor of `lr` at `step`: over the first `align_steps` steps the alignment stage's own schedule, to a
+    peak of `align_scale` x lr (align.lr) after 10% of them (at least 1), cosine to `min_ratio` of that peak at
+    their end; then `lr_factor` over the remaining `total - align_steps` steps."""
+    if step < align_steps:
+        return align_scale * lr_factor(step, max(1, align_steps // 10), align_steps, min_ratio)
+    return lr_factor(step - align_steps, warmup, total - align_steps, min_ratio)
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on norms, biases, or the start context)."""
     groups = {}
@@ -56,12 +72,16 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def make_accelerator(recipe: Recipe):
     """accelerate's Accelerator for the recipe; processes it did not join into one group are refused."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
+    # the alignment stage leaves the token decoder without gradients, which DDP must be told to expect
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if recipe.align.steps else []
     # step_scheduler_with_optimizer off: accelerate's default steps the schedule once per process at every
     # optimizer step (made for data loaders it shortens); ours counts optimizer steps, whatever the processes
     accelerator = Accelerator(
         mixed_precision=MIXED_PRECISION[recipe.precision], project_dir=recipe.output_dir,
         log_with=None if recipe.tracker == "none" else recipe.tracker, step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:  # e.g. an FSDP or multi-GPU accelerate config on a machine without GPUs
@@ -113,20 +133,22 @@ def fsdp_half_precision(accelerator, dtype: torch.dtype) -> None:
 
 
 def make_optimizer(model, recipe: Recipe, total_steps: int, fused: bool):
-    """(AdamW, its schedule): warm-up and cosine (`lr_factor`), one schedule for every group. `fused` (on
-    CUDA): the same update as the per-tensor loop, in one kernel."""
+    """(AdamW, its schedule): the alignment stage's and then warm-up and cosine (`staged_lr_factor`), one schedule
+    for every group. `fused` (on CUDA): the same update as the per-tensor loop, in one kernel."""
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=tuple(recipe.betas),
                                   fused=fused or None)
+    align = recipe.align
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, warmup=recipe.warmup_steps, total=total_steps, min_ratio=recipe.min_lr_ratio))
+        staged_lr_factor, warmup=recipe.warmup_steps, total=total_steps, min_ratio=recipe.min_lr_ratio,
+        align_steps=align.steps, align_scale=align.lr / recipe.lr if align.steps else 1.0))
     return optimizer, schedule
 
 
-def non_finite(step: int, loss: float, grad_norm: float, output_dir: Path) -> UserError:
-    """The error of a step whose loss or gradient norm is not finite, naming the last good checkpoint."""
+def non_finite(step: int, loss: float, grad_norm: float, output_dir: Path, name: str = "training loss") -> UserError:
+    """The error of a step whose loss (`name`) or gradient norm is not finite, naming the last good checkpoint."""
     last = complete_checkpoints(output_dir)
     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
-    what = (f"training loss became {loss}" if not math.isfinite(loss) else
+    what = (f"{name} became {loss}" if not math.isfinite(loss) else
             f"the gradient norm became {grad_norm} (loss {loss:.4f})")
     return UserError(f"{what} at step {step + 1}; stopped before updating the weights ({kept})")
 
@@ -158,6 +180,8 @@ class Trainer:
         manifest = load_manifest(recipe.data)  # fail on bad data and shapes before the slow conversion
         if recipe.architecture == "block" and not is_block_folder(recipe.source):
             check_block_length(recipe, recipe.convert.block_length)
+        if recipe.align.steps:
+            check_recipe(recipe)
         model, self.model_dir = training_model(recipe, self.accelerator)
         self.tokenizer = load_tokenizer(resolve(self.model_dir), trust_remote_code=is_block_folder(self.model_dir))
         if self.tokenizer is None:
@@ -166,7 +190,8 @@ class Trainer:
         check_block_length(recipe, block_length)
         self.train_data, self.val_data, self.block_offset = token_data(recipe, manifest, self.tokenizer, block_length,
                                                                        str(self.model_dir))
-        objective = self.build_objective(model, load_teacher(recipe) if recipe.distill.enabled else None)
+        objective = self.build_objective(model, load_teacher(recipe) if recipe.distill.enabled or recipe.align.steps
+                                         else None)
         self.flops_per_token = training_flops_per_token(model, recipe.seq_len)["total"]
         apply_compile(objective, compile=recipe.compile, tuning=recipe.compile_tuning, sharded=self.sharded)
         if self.sharded and recipe.precision in HALF_PRECISION:
@@ -174,21 +199,41 @@ class Trainer:
         fused = self.accelerator.device.type == "cuda"
         optimizer, schedule = make_optimizer(model, recipe, self.total_steps, fused)
         self.model, self.optimizer, self.schedule = self.accelerator.prepare(objective, optimizer, schedule)
+        self.frozen_in_alignment = []  # of the prepared parameters (FSDP replaces them with shards)
+        if recipe.align.steps:
+            prepared = self.accelerator.unwrap_model(self.model)
+            trained = {id(param) for param in trained_parameters(prepared.model)}
+            self.frozen_in_alignment = [param for param in prepared.parameters() if id(param) not in trained]
         self.distributed = {"type": self.accelerator.distributed_type.value,
                             "processes": self.accelerator.num_processes}
         if self.sharded:
             self.distributed["fsdp_units"] = fsdp_units(self.model)
 
-    def build_objective(self, model, teacher) -> NextTokenObjective:
+    def build_objective(self, model, source) -> NextTokenObjective:
         """The loss: the fast path where final states through the LM head give the model's (and teacher's)
-        own logits, checked while both are float32 on the CPU; the teacher then goes to the run's device."""
+        own logits, checked while both are float32 on the CPU; the teacher then goes to the run's device.
+        `source`: the vanilla source (`models.teacher_spec`), the teacher with distillation and the origin of the
+        alignment stage's states, or None."""
         recipe = self.recipe
+        alignment = None
+        if recipe.align.steps:
+            layers = len(model.config.source_layers["block_decoder"])
+            stack = source_stack(source, layers, model.config.block_decoder.hidden_size)
+            slots = sink_slots(model_layout(recipe)[1])
+            alignment = PrefixAlignment(teacher_on(stack, self.accelerator.device, recipe.precision), slots,
+                                        recipe.align.loss)
+        teacher = source if recipe.distill.enabled else None
+        widths = [output_head(m)[0].shape[-1] for m in (model, teacher) if m is not None]  # of the final states
+        if recipe.distill.hidden_weight and widths[0] != widths[-1]:
+            raise UserError(f"distill.hidden_weight needs a teacher whose final states are as wide as the model's "
+                            f"({widths[0]}); {teacher_spec(recipe)} has {widths[-1]}")
         sample = self.train_data.batch([0], recipe.seq_len, recipe.seed)[:, : min(recipe.seq_len, HEAD_SAMPLE_TOKENS)]
         fast = recipe.fast_loss and fast_loss_fits({"model": model, "teacher": teacher}, sample)
         if teacher is not None:
             teacher = teacher_on(teacher, self.accelerator.device, recipe.precision)
         return NextTokenObjective(model, fast=fast, teacher=teacher, distill_weight=recipe.distill.weight,
-                                  temperature=recipe.distill.temperature)
+                                  temperature=recipe.distill.temperature, hidden_weight=recipe.distill.hidden_weight,
+                                  alignment=alignment)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -210,12 +255,14 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter()
         for step in bar:
-            began = time.perf_counter()
-            metrics = self.train_step(step)
-            seconds, done = time.perf_counter() - began, step + 1
+            done = step + 1
             evaluating = done % recipe.eval_every == 0 or done == self.total_steps
             saving = done % recipe.save_every == 0 or done == self.total_steps
-            if done % recipe.log_every and not (evaluating or saving):
+            reporting = done % recipe.log_every == 0 or evaluating or saving
+            began = time.perf_counter()
+            metrics = self.train_step(step, report=reporting)
+            seconds = time.perf_counter() - began
+            if not reporting:
                 continue  # nothing comes back to the host on this step
             rate = (done - start) * self.tokens_per_step / (time.perf_counter() - clock)
             logs = run_log.figures(metrics, self.schedule.get_last_lr()[0], seconds, rate)
@@ -245,32 +292,49 @@ class Trainer:
             batch = self.train_data.batch(chunk, recipe.seq_len, recipe.seed, self.block_offset)
             yield batch.to(self.accelerator.device)  # (micro, seq_len)
 
-    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+    def train_step(self, step: int, report: bool = True) -> dict[str, torch.Tensor]:
         """One optimizer step over the global batch: {"loss": the mean cross-entropy across all processes,
-        "grad_norm": the gradient norm before clipping}, scalar tensors on the device.
+        "grad_norm": the gradient norm before clipping}, scalar tensors on the device; in the alignment stage
+        also "align_loss", the mean alignment loss, and "loss" only when `report` (the cross-entropy is then
+        computed without gradients, only for the log).
 
         DDP all-reduces the gradients once, after the last micro-batch. FSDP reduce-scatters them after every
         micro-batch: skipping that (`no_sync`) would keep each process's full, unsharded gradients between
         micro-batches, the memory that sharding exists to save. Both sum the same gradients. One value comes
         back to the host: whether loss and norm are finite. A finite loss can still have NaN gradients, and
         one update with them would ruin every weight: the run stops before the update."""
-        total = torch.zeros((), device=self.accelerator.device)
+        aligning = step < self.recipe.align.steps
+        device = self.accelerator.device
+        total, align_total = torch.zeros((), device=device), torch.zeros((), device=device)
         for i, ids in enumerate(self.micro_batches(step)):
             last = i == self.accumulation - 1
             sync = contextlib.nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model)
             with sync, self.accelerator.autocast():
-                loss, ce = self.model(ids)  # the objective: the loss to differentiate, the cross-entropy to report
+                # the objective: the loss to differentiate, the cross-entropy to report (None: not computed)
+                loss, ce = self.model(ids, align=True, report=report) if aligning else self.model(ids)
                 self.accelerator.backward(loss / self.accumulation)
-            total += ce / self.accumulation
-        loss = self.accelerator.reduce(total, reduction="mean")
+            if ce is not None:
+                total += ce / self.accumulation
+            if aligning:
+                align_total += loss.detach() / self.accumulation
+        if aligning:
+            for param in self.frozen_in_alignment:  # the embedding table's gradient, and any a wrapper filled in
+                param.grad = None
+        metrics = {}
+        if not aligning or report:
+            metrics["loss"] = self.accelerator.reduce(total, reduction="mean")
+        if aligning:
+            metrics["align_loss"] = self.accelerator.reduce(align_total, reduction="mean")
         # max_norm inf: measured, not clipped
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip or math.inf)
-        if not torch.isfinite(torch.stack([loss, grad_norm])).all():
-            raise non_finite(step, float(loss), float(grad_norm), self.output_dir)
+        checked = metrics.get("align_loss", metrics.get("loss"))
+        if not torch.isfinite(torch.stack([checked, grad_norm])).all():
+            name = "alignment loss" if aligning else "training loss"
+            raise non_finite(step, float(checked), float(grad_norm), self.output_dir, name)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm}
+        return {**metrics, "grad_norm": grad_norm}
 
     def export(self, facts: dict) -> Path:
         """<output_dir>/final (see `export_model`)."""
@@ -294,13 +358,16 @@ class RunLog:
 
     def figures(self, metrics: dict, lr: float, seconds: float, rate: float) -> dict:
         """Loss, gradient norm, learning rate, tokens/s (the run's and this step's), MFU on a GPU whose peak is
-        known, and on CUDA the largest of the processes' peak memories (a collective: every process calls it)."""
+        known (not in the alignment stage, which runs part of the model), and on CUDA the largest of the
+        processes' peak memories (a collective: every process calls it); the alignment loss in that stage."""
         device = self.accelerator.device
         step_rate = self.tokens_per_step / max(seconds, 1e-9)
         logs = {"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"]),
                 "train/lr": lr, "train/tokens_per_s": rate, "train/step_seconds": seconds,
                 "train/step_tokens_per_s": step_rate}
-        peak = peak_flops(device)
+        if "align_loss" in metrics:
+            logs["train/align_loss"] = float(metrics["align_loss"])
+        peak = peak_flops(device) if "align_loss" not in metrics else None
         if peak:  # model FLOPs utilisation of this step, per GPU (flops.py has the formula)
             logs["train/mfu"] = step_rate * self.flops_per_token / (peak * self.accelerator.num_processes)
         if device.type == "cuda":
@@ -311,6 +378,8 @@ class RunLog:
     def write(self, step: int, logs: dict, bar) -> None:
         shown = {"loss": f"{logs['train/loss']:.3f}", "lr": f"{logs['train/lr']:.2e}",
                  "tok_s": f"{logs['train/step_tokens_per_s']:,.0f}"}
+        if "train/align_loss" in logs:
+            shown["align"] = f"{logs['train/align_loss']:.4f}"
         if "train/mfu" in logs:
             shown["mfu"] = f"{logs['train/mfu']:.1%}"
         bar.set_postfix(**shown)
