@@ -41,6 +41,7 @@ Runs need `log_every=1` so that training seconds are summed over every step.
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -155,6 +156,7 @@ def train_run(plan: dict, run: dict, seed: int, out: Path, results: dict) -> dic
     recipe = base_recipe(plan, overrides)
     started = time.perf_counter()
     facts = train(recipe)
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # the final model stays; optimizer states go
     record.update(
         wall_seconds=time.perf_counter() - started,
         tokens=facts["tokens"],
