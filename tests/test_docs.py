@@ -3,6 +3,7 @@ file inside the repository (and a #fragment to a heading of the page it names), 
 read. Fast, no model."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,23 @@ MAX_PAGE_BYTES = 15 * 1024
 # exempt from the size limit. Remove this exemption with that rewrite.
 SIZE_EXEMPT = {"README.md"}
 
+DOCS_PATH = re.compile(r"(?<![\w/.-])docs/\w[\w./-]*?\.md\b")  # docs/guides/train.md, as code and pages name them
+# Notes outside the repository, which its readers do not have; spelt in two pieces so that this file passes too.
+OUTSIDE = ("DESIGN" + ".md", "../" + "shared")
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)  # fenced code blocks
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # http:, https:, mailto:, ...
+
+
+def tracked_files() -> list[Path]:
+    """The repository's tracked text files (git's list; skipped outside a git checkout)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: no list of tracked files")
+    files = [ROOT / name for name in listed.decode().split("\0") if name]
+    return [path for path in files if path.is_file() and not path.is_symlink() and b"\0" not in path.read_bytes()]
 
 
 def pages() -> list[Path]:
@@ -94,3 +108,31 @@ def test_the_checker_finds_what_is_broken(tmp_path):
         "../../elsewhere.md: outside the repository",
         "other.md#no-such-heading: no heading #no-such-heading in other.md",
     ]
+
+
+def docs_paths(text: str) -> list[str]:
+    """The `docs/....md` paths a text names (in prose, comments, code or links)."""
+    return DOCS_PATH.findall(text)
+
+
+def test_every_docs_path_named_in_code_and_pages_exists():
+    missing = []
+    for path in tracked_files():
+        if path.suffix not in (".py", ".md"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        missing += [f"{path.relative_to(ROOT)}: {name}" for name in docs_paths(text) if not (ROOT / name).is_file()]
+    assert missing == []
+
+
+def test_no_tracked_file_points_outside_the_repository():
+    found = []
+    for path in tracked_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        found += [f"{path.relative_to(ROOT)}: {name}" for name in OUTSIDE if name in text]
+    assert found == []
+
+
+def test_the_docs_path_finder():
+    text = "see docs/guides/train.md, (docs/results/README.md#x) and `docs/concepts.md`; not mydocs/a.md or x/docs/b.md"
+    assert docs_paths(text) == ["docs/guides/train.md", "docs/results/README.md", "docs/concepts.md"]
