@@ -65,7 +65,7 @@ class HubServer:
         return 200, {"url": f"{self.url}/{repo_id}"}
 
     def validate_yaml(self, body: dict, **_):
-        """The Hub checks a README.md's metadata before accepting it; so do we, for the fields we write."""
+        """The Hub checks a README.md's metadata before accepting it; so does this server, for the toolkit's fields."""
         content = body["content"]
         if not content.startswith("---\n"):
             return 200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata in repo card"}]}

@@ -313,18 +313,18 @@ def test_source_errors(tmp_path, tokenizer, monkeypatch):
         prepare("./missing/corpus.jsonl", out, tokenizer)
     with pytest.raises(UserError, match="source not found"):
         prepare("missing/corpus.txt", out, tokenizer)
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "notes.md").write_text("hello")
-    with pytest.raises(UserError, match="folder docs has no .txt, .jsonl, .json or .parquet files"):
-        prepare("docs", out, tokenizer)
+    (tmp_path / "papers").mkdir()
+    (tmp_path / "papers" / "notes.md").write_text("hello")
+    with pytest.raises(UserError, match="folder papers has no .txt, .jsonl, .json or .parquet files"):
+        prepare("papers", out, tokenizer)
     with pytest.raises(UserError, match="no .txt, .jsonl, .json or .parquet files match"):
-        prepare("docs/*.txt", out, tokenizer)
+        prepare("papers/*.txt", out, tokenizer)
     with pytest.raises(UserError, match="not a .txt, .jsonl, .json or .parquet file"):
-        prepare("docs/notes.md", out, tokenizer)
+        prepare("papers/notes.md", out, tokenizer)
     (tmp_path / "blank.txt").write_text("\n\n   \n\n")
     with pytest.raises(UserError, match="the corpus is empty"):
         prepare("blank.txt", out, tokenizer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "docs"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "papers"]  # nothing half-written
 
 
 def test_option_errors(tmp_path, tokenizer):

@@ -362,7 +362,7 @@ def test_compiled_steps_give_the_same_tokens_in_one_graph_each(model_of, tiny_so
     kernels and, on CUDA, the captured step), and all before the capture: the warm-up compiles, the steps
     only run (a compile inside a CUDA-graph capture invalidates it). The backend is aot_eager here: dynamo's
     tracing and the functionalised mutations of the engine's buffers are what can go wrong on any device, and inductor's
-    code generation takes minutes on CPU; the GPU script checks inductor's tokens (docs/benchmarks.md)."""
+    code generation takes minutes on CPU; the GPU script checks inductor's tokens (docs/results/token-agreement.md)."""
     from torch._dynamo.utils import counters
 
     from uptrain.generation_block_transformer import StepGraphs

@@ -72,7 +72,7 @@ def test_render_merges_one_engines_rows_from_several_calls_by_batch(tmp_path):
         )
 
     part("a-vanilla-fast.json", [row(256, 100.0), row(512, 150.0)])
-    part("b-vanilla-fast-768.json", [row(768, 170.0), row(512, 160.0)])  # a later call: 768, and 512 again
+    part("b-vanilla-fast-768.json", [row(768, 170.0), row(512, 160.0)])  # a later run: 768, and 512 again
     summary = render(tmp_path)
     rows = json.loads((tmp_path / "results.json").read_text())["shapes"]["SmolLM2-360M"]["scenarios"]["decode-heavy"][
         "results"

@@ -36,7 +36,7 @@ def teacher_forced(model, lm: HFLM, context: str, continuation: str) -> tuple[fl
 
 
 def test_harness_scores_a_block_transformer_like_a_teacher_forced_pass(converted):
-    folder = converted("llama")  # L_B = 4: not the identity, so this checks our forward, not the source's
+    folder = converted("llama")  # L_B = 4: not the identity, so this checks the block model's forward, not the source's
     lm = harness(folder)
     model = load_block_model(folder)
     greedy = model.generate(torch.tensor([lm.tok_encode("Hello")]), max_new_tokens=6, do_sample=False)[0, -6:]

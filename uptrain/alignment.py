@@ -2,10 +2,10 @@
 
 A converted token decoder holds the source's upper layers, trained on the source's residual states after its
 first K layers. The paper's conversion feeds them prefix vectors `expansion(context)` that at init are only
-roughly such states (DESIGN.md section 1: with the source's true states as prefixes the fresh conversion
-scores 1-1.5 nats better). The stage trains the parts that make the prefix (embedder projection, expansion,
-start context, the block decoder's layers and its optional final norm) to match the frozen source's states,
-before end-to-end training; everything else keeps its weights (`trained_parameters`).
+roughly such states (docs/concepts.md, "From a pretrained model: conversion"). The stage trains the parts that
+make the prefix (embedder projection, expansion, start context, the block decoder's layers and its optional
+final norm) to match the frozen source's states, before end-to-end training; everything else keeps its weights
+(`trained_parameters`).
 
 Targets: block j (tokens jL .. jL+L-1) has prefix slots i = 1..r; slot i targets the source's state after K
 layers (the state entering source layer K) at token jL - r + i - 1, so the r slots stand for the r tokens just

@@ -1,4 +1,4 @@
-"""`uptrain bench`: generation throughput of a model against a baseline, the way DESIGN.md §4 measures it.
+"""`uptrain bench`: generation throughput of a model against a baseline (docs/guides/bench.md).
 
 Every measurement: random prompts of `prompt_len` tokens, exactly `gen_len` new tokens a row (EOS is
 suppressed by min_new_tokens), greedy; `warmup` untimed runs, then `repeats` timed runs, median reported.

@@ -26,7 +26,7 @@ def apply_compile(objective: NextTokenObjective, *, compile: bool, tuning: bool,
         graph at every layer, and each layer compiles apart;
       - with `tuning`, inductor times block sizes for each fused GPU kernel (coordinate-descent tuning)
         instead of taking its heuristics' choice: faster steps for minutes more of compilation at every
-        start (docs/training-throughput.md). CPU kernels are not tuned. It is read when the graphs are
+        start (docs/results/training-throughput.md). CPU kernels are not tuned. It is read when the graphs are
         built, at the first step, so it is set for the process.
     """
     model = objective.model

@@ -1,4 +1,4 @@
-"""Vanilla causal LM -> Block Transformer (DESIGN.md §1, "Uptraining from a vanilla model").
+"""Vanilla causal LM -> Block Transformer (docs/concepts.md, "From a pretrained model: conversion").
 
 The source is loaded with transformers (which knows every checkpoint layout, GGUF included); the target
 is built on the meta device only to learn its tensor names, and each target tensor is then taken from the
@@ -53,7 +53,7 @@ class ConvertOptions:
     `convert` before anything is written.
 
     block_length, block_layers, method, prefix_length, dtype: L_B, K (default n // 2), the layer method, r
-    and the weights' dtype (DESIGN.md section 1).
+    and the weights' dtype (docs/guides/convert.md).
 
     token_input_layers (N): the token decoder also gets copies of the source's first N layers, before its own
     (partition, K = 15, N = 2: layers 0, 1, 15..29). Its own layers were trained on contextual layer-K states

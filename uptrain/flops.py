@@ -1,10 +1,10 @@
 """Training FLOPs per token of a block or vanilla causal LM, and model FLOPs utilisation (MFU).
 
-Convention (PaLM's, also torchtitan's and DESIGN.md §4's): 6 FLOPs per matrix weight per token that passes
-through it (2 forward, 4 backward), plus 12 x width x context per layer and token for attention scores and
-values over the full context (causal masking not subtracted). Embedding lookups and elementwise work are
-not counted. For a Block Transformer with block length L, r prefix vectors and W = r + L - 1 window
-positions, per token:
+Convention (PaLM's, also torchtitan's): 6 FLOPs per matrix weight per token that passes through it (2 forward,
+4 backward), plus 12 x width x context per layer and token for attention scores and values over the full
+context (causal masking not subtracted). Embedding lookups and elementwise work are not counted.
+docs/results/training-throughput.md reports MFU by it. For a Block Transformer with block length L, r prefix
+vectors and W = r + L - 1 window positions, per token:
 
     6 x [ P_block / L                (block decoder: once per block)
         + L*D*D / L + r*D*D / L      (embedder projection, prefix expansion: once per block)

@@ -1,4 +1,4 @@
-"""Block-cached generation for the Block Transformer (DESIGN.md §1 "Generation", contract 5).
+"""Block-cached generation for the Block Transformer (docs/concepts.md, "The Block Transformer"; contract 5).
 
 Shipped next to every saved model with the modeling file; imports only torch and transformers.
 

@@ -20,13 +20,13 @@ ALIGN_LOSSES = ("relative_mse", "cosine")
 class ConvertSection:
     """How `source` is converted when it is a vanilla model (see `uptrain convert --help`)."""
 
-    block_length: int = 4
-    block_layers: int | None = None
-    method: str = "partition"
-    prefix_length: int = 2
-    token_input_layers: int = 0
-    sink: str = "none"
-    block_norm: str = "none"
+    block_length: int = 4  # tokens per block, L_B
+    block_layers: int | None = None  # source layers for the block decoder, K (default: half of them, n // 2)
+    method: str = "partition"  # partition | skip | duplicate: how the source layers go to the two decoders
+    prefix_length: int = 2  # prefix vectors r the context expands into
+    token_input_layers: int = 0  # the token decoder also gets copies of the source's first N layers
+    sink: str = "none"  # none | source: one more prefix slot holding the source's state of EOS at position 0
+    block_norm: str = "none"  # none | fresh | source: the block decoder's final norm
 
 
 @dataclass
@@ -34,11 +34,11 @@ class DistillSection:
     """A frozen teacher: (1-weight)*CE + weight*T^2*KL(teacher || student) + hidden_weight*relative MSE of the
     final states (what each head consumes) at the same positions."""
 
-    enabled: bool = False
+    enabled: bool = False  # distil from a frozen teacher
     teacher: str | None = None  # default: the vanilla source model
-    weight: float = 0.5
-    temperature: float = 1.0
-    hidden_weight: float = 0.0
+    weight: float = 0.5  # share of the KL term; 1 - weight goes to the cross-entropy
+    temperature: float = 1.0  # softmax temperature T of teacher and student in the KL term
+    hidden_weight: float = 0.0  # weight of the relative MSE between the final states of model and teacher
 
 
 @dataclass
@@ -46,45 +46,45 @@ class AlignSection:
     """The alignment stage (`uptrain/alignment.py`): the run's first `steps` optimizer steps train the block decoder
     and the new parts so that the prefix vectors match the source's states; 0: no such stage."""
 
-    steps: int = 0
+    steps: int = 0  # optimizer steps of the stage, at the start of the run (counted in the run's steps)
     lr: float = 1e-3  # peak learning rate of the stage
-    loss: str = "relative_mse"  # relative_mse | cosine
+    loss: str = "relative_mse"  # relative_mse: mean of |p - h|^2 / |h|^2 per vector; cosine: mean of 1 - cos(p, h)
 
 
 @dataclass
 class Recipe:
     source: str  # a vanilla model to convert first, or an already converted folder
     data: str  # a folder written by `uptrain data prepare`
-    output_dir: str
+    output_dir: str  # checkpoints/, final/, train_log.jsonl and, for a source to convert, converted/
     architecture: str = "block"  # block: the Block Transformer of `source`; vanilla: `source` itself as a causal LM
     from_scratch: bool = False  # random weights: `source` gives only the configuration and the tokenizer
-    convert: ConvertSection = field(default_factory=ConvertSection)
-    seq_len: int = 2048
-    micro_batch_size: int = 8
-    global_batch_size: int = 256
-    max_steps: int | None = None
+    convert: ConvertSection = field(default_factory=ConvertSection)  # used when `source` is not converted yet
+    seq_len: int = 2048  # tokens per training sequence (a multiple of the block length)
+    micro_batch_size: int = 8  # sequences per forward pass on each process
+    global_batch_size: int = 256  # sequences per optimizer step, over all processes
+    max_steps: int | None = None  # optimizer steps of the run (give this or max_tokens)
     max_tokens: int | None = None  # used when max_steps is not given
-    lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 3000
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    precision: str = "bf16"
-    eval_every: int = 500
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at lr x min_lr_ratio
+    warmup_steps: int = 3000  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0: measure it without clipping
+    precision: str = "bf16"  # fp32 | bf16 | fp16: autocast over float32 weights
+    eval_every: int = 500  # steps between held-out evaluations (and one at the end)
     eval_windows: int = 64  # held-out windows of seq_len tokens per evaluation
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    seed: int = 0
+    save_every: int = 1000  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted
+    log_every: int = 10  # steps between lines of train_log.jsonl and the trackers
+    seed: int = 0  # weights built from scratch, sample order and block offsets
     block_offset: bool = True  # random first-block offset per sample, as the reference code does
     resume: str = "auto"  # auto | none | a checkpoint folder
-    tracker: str = "tensorboard"
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
     fast_loss: bool = True  # LM head + loss in row chunks, never the full logits (false: the plain path)
     compile: bool = False  # torch.compile the model, ids to final states, and the chunk loss (compiling.apply_compile)
     compile_tuning: bool = False  # with compile: inductor tunes its GPU kernels' block sizes (minutes more compilation)
-    distill: DistillSection = field(default_factory=DistillSection)
-    align: AlignSection = field(default_factory=AlignSection)
+    distill: DistillSection = field(default_factory=DistillSection)  # distillation from a frozen teacher
+    align: AlignSection = field(default_factory=AlignSection)  # the alignment stage
 
     def total_steps(self) -> int:
         if self.max_steps is not None:
@@ -214,18 +214,22 @@ def validate_align(recipe: Recipe) -> None:
     if align.steps == 0:
         return
     if align.steps > recipe.total_steps():
-        raise UserError(f"recipe key 'align.steps' ({align.steps}) is longer than the run "
-                        f"({recipe.total_steps()} steps)")
+        raise UserError(
+            f"recipe key 'align.steps' ({align.steps}) is longer than the run ({recipe.total_steps()} steps)"
+        )
     if align.lr <= 0 or recipe.lr <= 0:
         raise UserError("recipe keys 'align.lr' and 'lr' must be positive with an align stage")
     if recipe.architecture != "block" or recipe.from_scratch:
-        raise UserError("the align stage needs a converted Block Transformer (architecture: block, "
-                        "from_scratch: false)")
+        raise UserError(
+            "the align stage needs a converted Block Transformer (architecture: block, from_scratch: false)"
+        )
     from .architectures import is_block_folder
 
     if not is_block_folder(recipe.source) and recipe.convert.method != "partition":
-        raise UserError(f"the align stage needs convert.method partition, got {recipe.convert.method!r}: only there "
-                        "is the block decoder's output the source's state after its first K layers")
+        raise UserError(
+            f"the align stage needs convert.method partition, got {recipe.convert.method!r}: only there "
+            "is the block decoder's output the source's state after its first K layers"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

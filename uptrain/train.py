@@ -88,7 +88,7 @@ def make_accelerator(recipe: Recipe):
         raise UserError(f"{launched} processes were launched but accelerate joined none of them into a process group "
                         f"(distributed type {accelerator.distributed_type.value}, device "
                         f"{accelerator.device.type}); each would train alone. On CPUs, launch the DDP config "
-                        "with ACCELERATE_USE_CPU=true; FSDP needs GPUs (docs/multi-gpu.md)")
+                        "with ACCELERATE_USE_CPU=true; FSDP needs GPUs (docs/guides/multi-gpu.md)")
     return accelerator
 
 

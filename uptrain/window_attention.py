@@ -3,7 +3,7 @@
 A Block Transformer's token decoder attends within windows of r + L - 1 positions (5 by default), tens of
 thousands of windows a micro-batch. SDPA's kernels are built for long sequences and batched matmuls for
 larger matrices; written as broadcast products and sums, a compiled decoder fuses the attention into a few
-kernels (docs/training-throughput.md has the measurements). `compiling.apply_compile` switches it on.
+kernels (docs/results/training-throughput.md has the measurements). `compiling.apply_compile` switches it on.
 """
 
 import torch
