@@ -5,10 +5,10 @@
     python benchmarks/recovery.py report OUT
 
 `train`: PLAN (YAML, keys below) names a source, prepared data (`uptrain data prepare`), a base recipe and a
-list of runs; each run is a conversion (options of `uptrain convert`) and recipe overrides, trained once per
-seed with `uptrain train`'s loop. Conversions are made once per set of options (OUT/converted/) and scored
-before training on the first `eval_windows` held-out windows, the windows the trainer evaluates on every
-`eval_every` steps. A run already in OUT/results.json is not trained again (remove it there to redo it).
+list of runs; each run is a conversion (options of `uptrain convert` over the paper's plain conversion, `PLAIN`)
+and recipe overrides, trained once per seed with `uptrain train`'s loop. Conversions are made once per set of
+options (OUT/converted/) and scored before training on the first `eval_windows` held-out windows, the windows
+the trainer evaluates on every `eval_every` steps. A run already in OUT/results.json is not trained again (remove it there to redo it).
 
 `score`: the source, every fresh conversion and every run's final model, in float32 on one device, on the
 same held-out windows, on an out-of-domain text (`ood`), on zero-shot tasks (the first N items of each, the
@@ -16,7 +16,7 @@ same items for every model; DIR holds the requests files, default the toolkit's 
 of fixed prompts -> OUT/scores.json.
 
 `report`: OUT/recovery.md (tables: held-out loss by step, mean and spread over seeds, the fraction of the
-gap from the default fresh conversion to the vanilla fine-tune each run closes; scores) and OUT/recovery.png
+gap from the plain fresh conversion to the vanilla fine-tune each run closes; scores) and OUT/recovery.png
 (held-out loss against steps and against training seconds).
 
 PLAN keys:
@@ -29,7 +29,7 @@ PLAN keys:
     ood_windows: 64
     prompts: ["The history of", ...] # optional (score): greedy samples, 48 new tokens each
     runs:
-      - name: ce                    # the default conversion, cross-entropy
+      - name: ce                    # the plain conversion, cross-entropy
       - name: distill
         overrides: [distill.enabled=true]
       - name: input2-sink
@@ -55,10 +55,13 @@ RUNS = "runs"  # OUT/runs/<name>-s<seed>: each run's output_dir (train_log.jsonl
 CEILING = "vanilla"  # the run name whose curve is the ceiling of the gap fractions
 BASELINE = "ce"  # the run whose fresh conversion is the floor
 SAMPLE_TOKENS = 48
+# The paper's conversion, the one every run's `convert:` options change: no token input layers, no sink, no norm.
+PLAIN = {"token_input_layers": 0, "sink": "none", "block_norm": "none"}
 
 
 def conversion_key(options: dict) -> str:
-    """A folder name for a set of conversion options: 'default' or its sorted key-value pairs."""
+    """A folder name for a set of conversion options: 'default' (the plain conversion) or its sorted key-value
+    pairs."""
     if not options:
         return "default"
     return "-".join(f"{key}={value}" for key, value in sorted(options.items())).replace("_", "-")
@@ -99,14 +102,15 @@ def heldout_loss(model, windows: list[torch.Tensor]) -> float:
 
 
 def converted(plan: dict, options: dict, out: Path) -> Path:
-    """The folder of the source converted with the recipe's `convert:` section updated by `options`."""
+    """The folder of the source converted with the recipe's layer split and block shape, the rest `PLAIN` updated by
+    `options`."""
     from uptrain.convert import ConvertOptions, convert
 
     folder = out / CONVERSIONS / conversion_key(options)
     if not (folder / "config.json").is_file():
         section = base_recipe(plan, []).convert
         settings = {key: getattr(section, key) for key in ("block_length", "block_layers", "method", "prefix_length")}
-        convert(source_spec(plan), folder, ConvertOptions(**{**settings, **options}), overwrite=True)
+        convert(source_spec(plan), folder, ConvertOptions(**{**settings, **PLAIN, **options}), overwrite=True)
     return folder
 
 
@@ -273,7 +277,7 @@ def summary(results: dict) -> dict[str, dict]:
 
 
 def gap_closed(rows: dict, name: str, step: int) -> float | None:
-    """(fresh default conversion - run) / (fresh default conversion - vanilla fine-tune), at `step`."""
+    """(fresh plain conversion - run) / (fresh plain conversion - vanilla fine-tune), at `step`."""
     if BASELINE not in rows or CEILING not in rows or step not in rows[CEILING]["mean"]:
         return None
     floor, ceiling = rows[BASELINE]["fresh"], rows[CEILING]["mean"][step]

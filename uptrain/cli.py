@@ -57,12 +57,16 @@ def convert(
         str, typer.Option(help="Weight dtype of the output: auto (the source's), float32, bfloat16, float16.")
     ] = "auto",
     token_input_layers: Annotated[
-        int, typer.Option(help="The token decoder also gets copies of the source's first N layers, before its own.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="The token decoder also gets copies of the source's first N layers, before its own.",
+            show_default="auto: min(2, the source layers below the token decoder's own), 0 if it has no own layers",
+        ),
+    ] = None,
     sink: Annotated[
         str,
-        typer.Option(help="none, or source: one more prefix slot holding the source's state of EOS at position 0."),
-    ] = "none",
+        typer.Option(help="source: one more prefix slot holding the source's state of EOS at position 0; or none."),
+    ] = "source",
     block_norm: Annotated[
         str,
         typer.Option(help="The block decoder's final norm: none (dropped), fresh (new, trained) or source (copied)."),

@@ -8,7 +8,7 @@ source (or from the paper's initialisation) and streamed into safetensors shards
 import copy
 import datetime
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,8 @@ from .sources import (
 METHODS = ("partition", "skip", "duplicate")
 SINKS = ("none", "source")
 BLOCK_NORMS = ("none", "fresh", "source")
+# Source layers copied to the head of the token decoder by default (docs/results/recovery-cpu.md measures it).
+AUTO_TOKEN_INPUT_LAYERS = 2
 # Command-line spelling of each option, for error messages.
 FLAGS = {
     "block_length": "--block-length", "block_layers": "--block-layers", "method": "--method",
@@ -61,7 +63,9 @@ class ConvertOptions:
     the kind of input the next layers expect. Only a layer selection: the format, engines and generation are
     unchanged (`source_layers` in the config records it). N is at most the number of source layers below the
     token decoder's first layer (K for partition): a copy of a later layer would run that layer twice in
-    the token decoder's path, or out of order.
+    the token decoder's path, or out of order. None (the default) is "auto": min(2, that number) when the
+    token decoder has layers of its own, else 0, so that the identity conversion stays the identity
+    (`resolved` makes it explicit; conversion.json records the number).
 
     sink ("none" | "source"): one more prefix slot at the head of every token-decoder window, constant at
     init: its expansion rows are zero and its bias is the source's residual state after K layers (like
@@ -79,7 +83,12 @@ class ConvertOptions:
     records it (`block_decoder_norm`; absent in older configs, which keep loading unchanged), and
     `start_context` is normed like the block decoder's outputs.
 
-    Identity invariant (contract 4: L_B 1, all layers in the block decoder, partition): sink keeps it exactly,
+    The defaults (token_input_layers auto, sink "source", block_norm "none") start uptraining from much lower
+    held-out loss than the paper's plain conversion (token_input_layers 0, sink "none"), and keep a lead after
+    training on the same tokens: docs/results/recovery-cpu.md.
+
+    Identity invariant (contract 4: L_B 1, all layers in the block decoder, partition): the defaults keep it
+    exactly (auto token_input_layers is 0 there). The sink keeps it exactly,
     since the token decoder has no layers there and nothing attends to the slot. block_norm "fresh" keeps it
     up to the norm's epsilon: a unit-weight norm maps the state to unit scale and the token decoder's final
     norm maps that to what it maps the state itself to, save for a relative error of about eps / (2 x the
@@ -93,8 +102,8 @@ class ConvertOptions:
     method: str = "partition"
     prefix_length: int = 2
     dtype: str = "auto"
-    token_input_layers: int = 0
-    sink: str = "none"
+    token_input_layers: int | None = None  # None: auto (see above)
+    sink: str = "source"
     block_norm: str = "none"
 
     def __post_init__(self):
@@ -108,12 +117,25 @@ class ConvertOptions:
                 name = field.name.replace("_", " ")
                 raise UserError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
             whole = isinstance(value, int) and not isinstance(value, bool)
-            if not choices and not whole and not (field.name == "block_layers" and value is None):
+            automatic = field.name in ("block_layers", "token_input_layers") and value is None
+            if not choices and not whole and not automatic:
                 raise UserError(f"{FLAGS[field.name]} must be a whole number, got {value!r}")
         if self.block_length < 1 or self.prefix_length < 1:
             raise UserError("--block-length and --prefix-length must be at least 1")
-        if self.token_input_layers < 0:
+        if self.token_input_layers is not None and self.token_input_layers < 0:
             raise UserError(f"--token-input-layers must be 0 or more, got {self.token_input_layers}")
+
+
+def resolved(options: ConvertOptions, total: int) -> ConvertOptions:
+    """`options` with its automatic values made explicit for a source of `total` layers: block_layers n // 2, and
+    token_input_layers min(2, the source layers below the token decoder's first own layer), 0 when the token
+    decoder has no layers of its own (an identity conversion) or none lie below them (duplicate)."""
+    block_layers = options.block_layers if options.block_layers is not None else total // 2
+    token_input_layers = options.token_input_layers
+    if token_input_layers is None:
+        own = select_layers(total, block_layers, options.method)["token_decoder"]
+        token_input_layers = min(AUTO_TOKEN_INPUT_LAYERS, own[0]) if own else 0
+    return replace(options, block_layers=block_layers, token_input_layers=token_input_layers)
 
 
 def select_layers(total: int, block_layers: int, method: str, token_input_layers: int = 0) -> dict[str, list[int]]:
@@ -163,8 +185,8 @@ def check_supported(config) -> None:
 def build_config(source_config, options: ConvertOptions, dtype: torch.dtype) -> BlockTransformerConfig:
     options.validate()
     total = source_config.num_hidden_layers
-    block_layers = options.block_layers if options.block_layers is not None else total // 2
-    layers = select_layers(total, block_layers, options.method, options.token_input_layers)
+    options = resolved(options, total)
+    layers = select_layers(total, options.block_layers, options.method, options.token_input_layers)
     decoders = {name: decoder_config(source_config, indices) for name, indices in layers.items()}
     for sub in decoders.values():
         sub["dtype"] = str(dtype).removeprefix("torch.")
@@ -250,7 +272,10 @@ def sink_token(tokenizer, source_config) -> int:
             value = value[0] if isinstance(value, (list, tuple)) and value else value
             if isinstance(value, int) and 0 <= value < vocab:
                 return value
-    raise UserError("--sink source needs an EOS or BOS token, and the source's tokenizer and config declare neither")
+    raise UserError(
+        "--sink source needs an EOS or BOS token, and the source's tokenizer and config declare neither: "
+        "convert with --sink none"
+    )
 
 
 @torch.no_grad()
@@ -303,6 +328,7 @@ def convert(
 
     source = load_model(source_ref, options.dtype).eval()
     check_supported(source.config)
+    options = resolved(options, source.config.num_hidden_layers)  # what conversion.json and the card record
     dtype = next(source.parameters()).dtype
     config = build_config(source.config, options, dtype)
     with torch.device("meta"):

@@ -18,14 +18,18 @@ ALIGN_LOSSES = ("relative_mse", "cosine")
 
 @dataclass
 class ConvertSection:
-    """How `source` is converted when it is a vanilla model (see `uptrain convert --help`)."""
+    """How `source` is converted when it is a vanilla model (see `uptrain convert --help`). `token_input_layers`
+    null (the default) is auto: min(2, the source layers below the token decoder's own), 0 when the token decoder
+    has no layers of its own (an identity conversion stays the identity). With `sink: source` this start
+    recovers faster than the paper's plain conversion (`token_input_layers: 0`, `sink: none`):
+    docs/results/recovery-cpu.md."""
 
     block_length: int = 4  # tokens per block, L_B
     block_layers: int | None = None  # source layers for the block decoder, K (default: half of them, n // 2)
     method: str = "partition"  # partition | skip | duplicate: how the source layers go to the two decoders
     prefix_length: int = 2  # prefix vectors r the context expands into
-    token_input_layers: int = 0  # the token decoder also gets copies of the source's first N layers
-    sink: str = "none"  # none | source: one more prefix slot holding the source's state of EOS at position 0
+    token_input_layers: int | None = None  # the token decoder also gets copies of the source's first N; null: auto
+    sink: str = "source"  # source | none: one more prefix slot holding the source's state of EOS at position 0
     block_norm: str = "none"  # none | fresh | source: the block decoder's final norm
 
 
@@ -194,7 +198,7 @@ def validate_convert(section: ConvertSection) -> None:
             raise UserError(f"recipe key 'convert.{key}' must be at least 1")
     if section.block_layers is not None and section.block_layers < 1:
         raise UserError("recipe key 'convert.block_layers' must be at least 1")
-    if section.token_input_layers < 0:
+    if section.token_input_layers is not None and section.token_input_layers < 0:
         raise UserError("recipe key 'convert.token_input_layers' must be 0 or more")
 
 

@@ -57,6 +57,8 @@ def parameter_default(param) -> str:
     default = param.default
     if param.param_type_name == "option" and getattr(param, "is_flag", False):
         return "on" if default else "off"
+    if isinstance(getattr(param, "show_default", None), str):  # a default described in words
+        return param.show_default
     if default is None or default == () or default == []:
         return ""
     return f"`{default}`"
