@@ -17,9 +17,10 @@ one folder, render them together (results.json with roofline estimates, one PNG 
 and on a CPU in seconds, tiny sizes, everything in one go: `python benchmarks/generation_fast.py --smoke --out DIR`.
 
 Models: the SmolLM2-135M shape (Llama, 30 layers, D 576, 9 heads, 3 KV heads, vocab 49,152, tied head) or
-SmolLM2-360M's (--shape; 32 layers, D 960, 15 heads, 5 KV heads) and its default conversion (half the layers
-each, L_B 4, r 2), with random weights unless --gguf names SmolLM2's GGUF (real
-weights; converted here in float32). Every JSON records which.
+SmolLM2-360M's (--shape; 32 layers, D 960, 15 heads, 5 KV heads) and its plain conversion (half the layers
+each, L_B 4, r 2, no token input layers, no sink: `PLAIN`, what docs/results/generation-gpu.md measures), with
+random weights unless --gguf names SmolLM2's GGUF (real weights; converted here in float32). Every JSON records
+which.
 
 - check: greedy tokens of the block model's fast engine (CUDA graphs) against its eager engine, float32 and
   bf16, over --check-new-tokens (2,048) from left-padded prompts of four lengths around 128; the vanilla fast
@@ -122,6 +123,7 @@ GPU_BATCHES.update(
 )
 SCENARIOS = {"decode-heavy": (128, 2048), "prefill-heavy": (2048, 128)}
 SMOKE_SCENARIOS = {"decode-heavy": (8, 64), "prefill-heavy": (64, 8)}
+PLAIN = {"token_input_layers": 0, "sink": "none"}  # the paper's conversion, not `uptrain convert`'s default
 
 
 def parse():
@@ -224,7 +226,7 @@ class Run:
             from uptrain.convert import ConvertOptions, build_config
             from uptrain.modeling_block_transformer import BlockTransformerForCausalLM
 
-            config = build_config(source_config, ConvertOptions(), torch.float32)
+            config = build_config(source_config, ConvertOptions(**PLAIN), torch.float32)
             with torch.device(self.device):
                 model = BlockTransformerForCausalLM(config)
         return model.to(dtype).eval()
@@ -242,7 +244,7 @@ class Run:
             from uptrain.convert import ConvertOptions, convert
 
             self.converted = Path(tempfile.mkdtemp()) / "b4"
-            convert(str(self.args.gguf), self.converted, ConvertOptions(dtype="float32"))
+            convert(str(self.args.gguf), self.converted, ConvertOptions(dtype="float32", **PLAIN))
         return (
             AutoModelForCausalLM.from_pretrained(self.converted, trust_remote_code=True, dtype=dtype)
             .to(self.device)
