@@ -7,8 +7,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from uptrain.convert import select_layers
+from uptrain.convert import ConvertOptions, resolved, select_layers
 from uptrain.errors import UserError
+
+PLAIN = ("--token-input-layers", 0, "--sink", "none")  # the paper's conversion: the layer methods and init alone
 
 
 def test_select_layers():
@@ -32,7 +34,7 @@ def saved_tensors(folder):
 def test_methods_take_the_right_source_layers(method, tiny_source, run_cli, tmp_path):
     folder, source = tiny_source("qwen2")
     out = tmp_path / method
-    result = run_cli("convert", folder, out, "--method", method, "--block-layers", 2)
+    result = run_cli("convert", folder, out, "--method", method, "--block-layers", 2, *PLAIN)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "conversion.json").read_text())
     layers = select_layers(4, 2, method)
@@ -53,7 +55,7 @@ def test_methods_take_the_right_source_layers(method, tiny_source, run_cli, tmp_
 def test_initialisation_and_dtype(tiny_source, run_cli, tmp_path):
     folder, source = tiny_source("llama")
     out = tmp_path / "bf16"
-    result = run_cli("convert", folder, out, "--dtype", "bfloat16", "--block-length", 2, "--prefix-length", 3)
+    result = run_cli("convert", folder, out, "--dtype", "bfloat16", "--block-length", 2, "--prefix-length", 3, *PLAIN)
     assert result.exit_code == 0, result.output
     saved = saved_tensors(out)
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
@@ -78,7 +80,7 @@ def test_initialisation_and_dtype(tiny_source, run_cli, tmp_path):
 
 def test_the_function_keeping_options_through_the_cli(tiny_source, run_cli, tmp_path):
     """--token-input-layers, --sink and --block-norm reach `ConvertOptions`: the same folder as the API writes."""
-    from uptrain.convert import ConvertOptions, convert
+    from uptrain.convert import convert
 
     folder, _ = tiny_source("llama")
     flags = ["--token-input-layers", 1, "--sink", "source", "--block-norm", "fresh"]
@@ -109,3 +111,56 @@ def test_bad_function_keeping_options_through_the_cli(flags, message, tiny_sourc
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_automatic_token_input_layers():
+    """None (the default) is min(2, the source layers below the token decoder's own), 0 when it has none of its
+    own: the identity conversion (K = n) and duplicate (whose token decoder starts at layer 0) get 0, skip (whose
+    block decoder always holds layer 0) at most 1."""
+    cases = {  # (layers, K, method) -> N
+        (30, None, "partition"): 2, (4, 2, "partition"): 2, (4, 1, "partition"): 1, (4, 4, "partition"): 0,
+        (4, 2, "skip"): 1, (6, 2, "skip"): 1, (4, 4, "skip"): 0, (4, 2, "duplicate"): 0, (4, 4, "duplicate"): 0,
+    }
+    for (total, block_layers, method), expected in cases.items():
+        options = resolved(ConvertOptions(block_layers=block_layers, method=method), total)
+        assert options.token_input_layers == expected, (total, block_layers, method)
+        assert options.block_layers == (block_layers or total // 2) and options.sink == "source"
+        select_layers(total, options.block_layers, method, expected)  # within the bound
+    for explicit in (0, 1, 2):
+        assert resolved(ConvertOptions(token_input_layers=explicit), 4).token_input_layers == explicit
+    assert ConvertOptions().token_input_layers is None and ConvertOptions().block_norm == "none"
+
+
+@pytest.mark.parametrize("flags, block_layers, token_layers", [
+    ((), 2, [0, 1, 2, 3]),  # the defaults: K = n // 2 = 2, auto N = 2, a sink
+    (("--block-length", 1, "--block-layers", 4), 4, []),  # the identity conversion: auto N = 0
+    (("--token-input-layers", 1), 2, [0, 2, 3]),  # an explicit value is kept
+    (("--token-input-layers", 0), 2, [2, 3]),
+])
+def test_conversion_records_the_resolved_options(flags, block_layers, token_layers, tiny_source, run_cli, tmp_path):
+    folder, _ = tiny_source("llama")
+    out = tmp_path / "out"
+    result = run_cli("convert", folder, out, *flags)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "conversion.json").read_text())
+    token_input_layers = len(token_layers) - len([i for i in token_layers if i >= block_layers])
+    assert record["options"]["block_layers"] == block_layers
+    assert record["options"]["token_input_layers"] == token_input_layers
+    assert record["options"]["sink"] == "source" and record["sink_token"]["id"] == 2  # the tiny tokenizer's </s>
+    assert record["source_layers"]["token_decoder"] == token_layers
+    config = json.loads((out / "config.json").read_text())
+    assert config["source_layers"] == record["source_layers"] and config["prefix_length"] == 3  # r 2 + the sink
+    card = (out / "README.md").read_text()
+    assert "attention sink" in card
+    assert (f"copies of the source's first {token_input_layers}" in card) == (token_input_layers > 0)
+
+
+def test_help_shows_the_defaults():
+    from typer.testing import CliRunner
+
+    from uptrain.cli import app
+
+    wide = {"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"}  # one line per option
+    shown = " ".join(CliRunner().invoke(app, ["convert", "--help"], env=wide).output.split())
+    assert "auto: min(2, the source layers below the token decoder's own)" in shown
+    assert "[default: source]" in shown and "[default: none]" in shown

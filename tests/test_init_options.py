@@ -16,7 +16,9 @@ from families import FAMILIES, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from uptrain.alignment import sink_slots
 from uptrain.architectures import final_norm, layer_list_name, layers_of
+from uptrain.card import model_card
 from uptrain.convert import ConvertOptions, build_config, convert, select_layers
 from uptrain.errors import UserError
 from uptrain.modeling_block_transformer import BlockTransformerForCausalLM
@@ -25,6 +27,7 @@ VOCAB = 128
 EOS, BOS = 2, 1  # the tiny tokenizer's </s> and <s>
 LAYERS = 4  # every tiny family; the default split gives K = 2
 ALL_ON = {"token_input_layers": 2, "sink": "source"}
+PLAIN = {"token_input_layers": 0, "sink": "none"}  # the paper's conversion, which each test below adds one option to
 # the families the contract checks run on, each with one block-norm kind (both kinds are covered)
 CONTRACT_FAMILIES = {"llama": "fresh", "gpt2": "source", "gemma3_text": "fresh", "granite": "source"}
 
@@ -38,9 +41,10 @@ def saved_tensors(folder):
 
 
 def conversion(tiny_source, tmp_path, family, **options):
+    """The plain conversion of a tiny source with `options` on."""
     folder, source = tiny_source(family)
-    out = convert(str(folder), tmp_path / "-".join([family, *map(str, options.values())]), ConvertOptions(**options))
-    return out, source
+    out = tmp_path / "-".join([family, *map(str, options.values())])
+    return convert(str(folder), out, ConvertOptions(**{**PLAIN, **options})), source
 
 
 def residual_state(source, token, layers):
@@ -138,7 +142,9 @@ def test_sink_falls_back_to_bos_and_refuses_without_either(tiny_source, tmp_path
     neither = without_special_tokens(folder, tmp_path / "neither", keep_bos=False)
     assert_refused(lambda: convert(str(neither), tmp_path / "refused", ConvertOptions(sink="source")),
                    tmp_path / "refused", "--sink source needs an EOS or BOS token")
-    convert(str(neither), tmp_path / "no-sink", ConvertOptions())  # nothing else needs those tokens
+    assert_refused(lambda: convert(str(neither), tmp_path / "default", ConvertOptions()),  # the default sink too
+                   tmp_path / "default", "declare neither: convert with --sink none")
+    convert(str(neither), tmp_path / "no-sink", ConvertOptions(sink="none"))  # nothing else needs those tokens
 
 
 def fresh_norm_state(source):
@@ -184,8 +190,10 @@ def test_block_norm_from_scratch(family, tiny_source):
     assert output.logits.shape == (2, 12, VOCAB) and torch.isfinite(output.loss)
 
 
-def test_default_conversion_and_older_configs_are_unchanged(tiny_source, tmp_path):
-    """Defaults add nothing; a folder whose config predates `block_decoder_norm` loads as it did."""
+def test_plain_conversion_and_older_folders_are_unchanged(tiny_source, tmp_path):
+    """The plain conversion (token_input_layers 0, sink none) adds nothing; a folder whose config predates
+    `block_decoder_norm` and whose record predates the options loads, scores and generates as it did, and the
+    tools that read the record take it for the plain conversion."""
     out, source = conversion(tiny_source, tmp_path, "qwen2")
     config = json.loads((out / "config.json").read_text())
     assert config["block_decoder_norm"] is False and config["prefix_length"] == 2
@@ -200,20 +208,35 @@ def test_default_conversion_and_older_configs_are_unchanged(tiny_source, tmp_pat
 
     ids = torch.randint(4, VOCAB, (2, 13))
     with torch.no_grad():
-        expected = load(out)(ids).logits
+        plain = load(out)
+        expected = plain(ids).logits
+        expected_tokens = plain.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None)
     del config["block_decoder_norm"]
     (out / "config.json").write_text(json.dumps(config))
+    record = json.loads((out / "conversion.json").read_text())
+    for key in ("token_input_layers", "sink", "block_norm"):
+        del record["options"][key]
+    (out / "conversion.json").write_text(json.dumps(record))
     older = load(out)
     assert isinstance(final_norm(older.block_decoder), torch.nn.Identity)
     with torch.no_grad():
         assert torch.equal(older(ids).logits, expected)
+        for engine in ("eager", "fast"):
+            tokens = older.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None, engine=engine)
+            assert torch.equal(tokens, expected_tokens), engine
+        greedy = older(expected_tokens).logits[:, ids.shape[1] - 1 : -1].argmax(-1)  # teacher-forced choices
+        assert torch.equal(greedy, expected_tokens[:, ids.shape[1] :])
+    assert sink_slots(record["options"]) == 0  # the align stage aligns every prefix slot
+    card = model_card(config, record)
+    assert "attention sink" not in card and "final norm" not in card and "input layers" not in card
 
 
 # -- contract 4: which options keep the identity invariant -----------------------------------------------
 
-KEEPS_EXACTLY = [{"sink": "source"}]
-KEEPS_UP_TO_EPSILON = [{"block_norm": "fresh"}, {"sink": "source", "block_norm": "fresh"}]
-BREAKS = [{"token_input_layers": 1}, {"block_norm": "source"}, {"token_input_layers": 1, "sink": "source"}]
+KEEPS_EXACTLY = [{}, {"sink": "source"}, PLAIN]  # {}: the defaults (auto token_input_layers is 0 there)
+KEEPS_UP_TO_EPSILON = [{"block_norm": "fresh", **PLAIN}, {"sink": "source", "block_norm": "fresh"}]
+BREAKS = [{**PLAIN, "token_input_layers": 1}, {"block_norm": "source", **PLAIN},
+          {"token_input_layers": 1, "sink": "source"}]
 NORM_EPSILONS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
 
 
@@ -238,12 +261,12 @@ def with_epsilon(folder, target, epsilon):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_invariant_with_options(family, tiny_source, tmp_path):
-    """The sink keeps contract 4 exactly; a fresh block norm up to its epsilon (these random models' states have
+    """The defaults and the sink keep contract 4 exactly; a fresh block norm up to its epsilon (these random models' states have
     a mean square of about 4e-4, so their epsilon shows: with 1e-12 only rounding is left); more input layers
     and the source's norm break it."""
     folder, source = tiny_source(family)
-    for options in KEEPS_EXACTLY:
-        assert identity_error(folder, source, options, tmp_path / "exact") < 1e-5
+    for number, options in enumerate(KEEPS_EXACTLY):
+        assert identity_error(folder, source, options, tmp_path / f"exact-{number}") < 1e-5, options
     folder, source = with_epsilon(folder, tmp_path / "source", 1e-12)
     for number, options in enumerate(KEEPS_UP_TO_EPSILON + BREAKS):
         error = identity_error(folder, source, options, tmp_path / str(number))

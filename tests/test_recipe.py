@@ -100,6 +100,24 @@ def test_the_convert_section_reaches_the_conversion():
     assert (options.block_length, options.block_layers, options.method, options.prefix_length) == (2, 3, "partition", 3)
 
 
+def test_token_input_layers_null_or_omitted_is_automatic(tmp_path):
+    """`token_input_layers: null`, or the key left out, is auto (None), resolved by the conversion; a number is kept."""
+    from uptrain.convert import resolved
+    from uptrain.models import convert_options
+
+    base = "source: default\ndata: d\noutput_dir: o\nmax_steps: 1\n"
+    for name, section in (("null", "convert:\n  token_input_layers: null\n"), ("omitted", "convert:\n  block_layers: 3\n"),
+                          ("none", "")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(base + section)
+        recipe = load_recipe(path)
+        assert recipe.convert.token_input_layers is None and recipe.convert.sink == "source"
+        options = resolved(convert_options(recipe.convert), 30)
+        assert options.token_input_layers == 2, name
+    explicit = load_recipe(tmp_path / "null.yaml", ["convert.token_input_layers=1", "convert.sink=none"]).convert
+    assert resolved(convert_options(explicit), 30).token_input_layers == 1 and explicit.sink == "none"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_list_the_recovery_keys_with_their_defaults(path):
     """The conversion options, hidden-state distillation and the alignment stage are written out, at their defaults."""
@@ -107,11 +125,16 @@ def test_shipped_recipes_list_the_recovery_keys_with_their_defaults(path):
 
     import yaml
 
+    from uptrain.convert import resolved
+    from uptrain.models import convert_options
     from uptrain.recipe import AlignSection, ConvertSection
 
     raw = yaml.safe_load(path.read_text())
     assert set(raw["convert"]) == {f.name for f in dataclasses.fields(ConvertSection)}
     recipe = load_recipe(path)
-    for key in ("token_input_layers", "sink", "block_norm"):
-        assert getattr(recipe.convert, key) == getattr(ConvertSection(), key)
+    defaults = ConvertSection()
+    assert (recipe.convert.sink, recipe.convert.block_norm) == (defaults.sink, defaults.block_norm)
+    # token_input_layers: null (auto), or the number auto gives for the recipe's split of SmolLM2's 30 layers
+    automatic = resolved(convert_options(dataclasses.replace(recipe.convert, token_input_layers=None)), 30)
+    assert recipe.convert.token_input_layers in (None, automatic.token_input_layers)
     assert raw["align"] == dataclasses.asdict(AlignSection()) and raw["distill"]["hidden_weight"] == 0.0
