@@ -8,7 +8,8 @@
 list of runs; each run is a conversion (options of `uptrain convert` over the paper's plain conversion, `PLAIN`)
 and recipe overrides, trained once per seed with `uptrain train`'s loop. Conversions are made once per set of
 options (OUT/converted/) and scored before training on the first `eval_windows` held-out windows, the windows
-the trainer evaluates on every `eval_every` steps. A run already in OUT/results.json is not trained again (remove it there to redo it).
+the trainer evaluates on every `eval_every` steps. A run already in OUT/results.json is not trained again
+(remove it there to redo it).
 
 `score`: the source, every fresh conversion and every run's final model, in float32 on one device, on the
 same held-out windows, on an out-of-domain text (`ood`), on zero-shot tasks (the first N items of each, the

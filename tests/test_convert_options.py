@@ -118,8 +118,15 @@ def test_automatic_token_input_layers():
     own: the identity conversion (K = n) and duplicate (whose token decoder starts at layer 0) get 0, skip (whose
     block decoder always holds layer 0) at most 1."""
     cases = {  # (layers, K, method) -> N
-        (30, None, "partition"): 2, (4, 2, "partition"): 2, (4, 1, "partition"): 1, (4, 4, "partition"): 0,
-        (4, 2, "skip"): 1, (6, 2, "skip"): 1, (4, 4, "skip"): 0, (4, 2, "duplicate"): 0, (4, 4, "duplicate"): 0,
+        (30, None, "partition"): 2,
+        (4, 2, "partition"): 2,
+        (4, 1, "partition"): 1,
+        (4, 4, "partition"): 0,
+        (4, 2, "skip"): 1,
+        (6, 2, "skip"): 1,
+        (4, 4, "skip"): 0,
+        (4, 2, "duplicate"): 0,
+        (4, 4, "duplicate"): 0,
     }
     for (total, block_layers, method), expected in cases.items():
         options = resolved(ConvertOptions(block_layers=block_layers, method=method), total)
@@ -131,12 +138,15 @@ def test_automatic_token_input_layers():
     assert ConvertOptions().token_input_layers is None and ConvertOptions().block_norm == "none"
 
 
-@pytest.mark.parametrize("flags, block_layers, token_layers", [
-    ((), 2, [0, 1, 2, 3]),  # the defaults: K = n // 2 = 2, auto N = 2, a sink
-    (("--block-length", 1, "--block-layers", 4), 4, []),  # the identity conversion: auto N = 0
-    (("--token-input-layers", 1), 2, [0, 2, 3]),  # an explicit value is kept
-    (("--token-input-layers", 0), 2, [2, 3]),
-])
+@pytest.mark.parametrize(
+    "flags, block_layers, token_layers",
+    [
+        ((), 2, [0, 1, 2, 3]),  # the defaults: K = n // 2 = 2, auto N = 2, a sink
+        (("--block-length", 1, "--block-layers", 4), 4, []),  # the identity conversion: auto N = 0
+        (("--token-input-layers", 1), 2, [0, 2, 3]),  # an explicit value is kept
+        (("--token-input-layers", 0), 2, [2, 3]),
+    ],
+)
 def test_conversion_records_the_resolved_options(flags, block_layers, token_layers, tiny_source, run_cli, tmp_path):
     folder, _ = tiny_source("llama")
     out = tmp_path / "out"

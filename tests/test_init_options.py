@@ -142,8 +142,11 @@ def test_sink_falls_back_to_bos_and_refuses_without_either(tiny_source, tmp_path
     neither = without_special_tokens(folder, tmp_path / "neither", keep_bos=False)
     assert_refused(lambda: convert(str(neither), tmp_path / "refused", ConvertOptions(sink="source")),
                    tmp_path / "refused", "--sink source needs an EOS or BOS token")
-    assert_refused(lambda: convert(str(neither), tmp_path / "default", ConvertOptions()),  # the default sink too
-                   tmp_path / "default", "declare neither: convert with --sink none")
+    assert_refused(  # the default sink too
+        lambda: convert(str(neither), tmp_path / "default", ConvertOptions()),
+        tmp_path / "default",
+        "declare neither: convert with --sink none",
+    )
     convert(str(neither), tmp_path / "no-sink", ConvertOptions(sink="none"))  # nothing else needs those tokens
 
 
@@ -235,8 +238,11 @@ def test_plain_conversion_and_older_folders_are_unchanged(tiny_source, tmp_path)
 
 KEEPS_EXACTLY = [{}, {"sink": "source"}, PLAIN]  # {}: the defaults (auto token_input_layers is 0 there)
 KEEPS_UP_TO_EPSILON = [{"block_norm": "fresh", **PLAIN}, {"sink": "source", "block_norm": "fresh"}]
-BREAKS = [{**PLAIN, "token_input_layers": 1}, {"block_norm": "source", **PLAIN},
-          {"token_input_layers": 1, "sink": "source"}]
+BREAKS = [
+    {**PLAIN, "token_input_layers": 1},
+    {"block_norm": "source", **PLAIN},
+    {"token_input_layers": 1, "sink": "source"},
+]
 NORM_EPSILONS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
 
 
@@ -261,9 +267,9 @@ def with_epsilon(folder, target, epsilon):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_invariant_with_options(family, tiny_source, tmp_path):
-    """The defaults and the sink keep contract 4 exactly; a fresh block norm up to its epsilon (these random models' states have
-    a mean square of about 4e-4, so their epsilon shows: with 1e-12 only rounding is left); more input layers
-    and the source's norm break it."""
+    """The defaults and the sink keep contract 4 exactly; a fresh block norm up to its epsilon (these random
+    models' states have a mean square of about 4e-4, so their epsilon shows: with 1e-12 only rounding is left);
+    more input layers and the source's norm break it."""
     folder, source = tiny_source(family)
     for number, options in enumerate(KEEPS_EXACTLY):
         assert identity_error(folder, source, options, tmp_path / f"exact-{number}") < 1e-5, options

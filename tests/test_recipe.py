@@ -106,8 +106,12 @@ def test_token_input_layers_null_or_omitted_is_automatic(tmp_path):
     from uptrain.models import convert_options
 
     base = "source: default\ndata: d\noutput_dir: o\nmax_steps: 1\n"
-    for name, section in (("null", "convert:\n  token_input_layers: null\n"), ("omitted", "convert:\n  block_layers: 3\n"),
-                          ("none", "")):
+    sections = {
+        "null": "convert:\n  token_input_layers: null\n",
+        "omitted": "convert:\n  block_layers: 3\n",
+        "none": "",
+    }
+    for name, section in sections.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(base + section)
         recipe = load_recipe(path)
