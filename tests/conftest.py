@@ -78,7 +78,8 @@ def load_block_model(folder):
 
 @pytest.fixture(scope="session")
 def converted(tiny_source, run_cli, tmp_path_factory):
-    """family -> folder of its default conversion through the CLI (L_B 4, half the layers each)."""
+    """family -> folder of its default conversion through the CLI (L_B 4, half the layers each, the token decoder
+    headed by copies of the first two, a sink slot)."""
     folders = {}
 
     def get(family: str):
