@@ -35,8 +35,12 @@ def test_convert_default_gguf_and_reload(smollm2, converted_b4):
     assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*-of-*.safetensors")}
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_block_transformer.BlockTransformerForCausalLM"
-    assert config["block_decoder"]["num_hidden_layers"] == 15 and config["token_decoder"]["num_hidden_layers"] == 15
+    # the defaults: 15/15 partition, the token decoder headed by copies of layers 0 and 1, a sink slot before r = 2
+    assert config["block_decoder"]["num_hidden_layers"] == 15 and config["token_decoder"]["num_hidden_layers"] == 17
+    assert config["source_layers"]["token_decoder"] == [0, 1, *range(15, 30)] and config["prefix_length"] == 3
     record = json.loads((out / "conversion.json").read_text())
+    assert (record["options"]["block_layers"], record["options"]["token_input_layers"]) == (15, 2)
+    assert record["options"]["sink"] == "source" and record["sink_token"]["id"] == tokenizer.eos_token_id
     assert list(record["source_fingerprint"]["sha256"]) == [gguf.name]
     # the card carries the GGUF's license and names the hub model the GGUF quantizes
     assert record["license"] == "apache-2.0" and record["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

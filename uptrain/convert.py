@@ -83,9 +83,9 @@ class ConvertOptions:
     records it (`block_decoder_norm`; absent in older configs, which keep loading unchanged), and
     `start_context` is normed like the block decoder's outputs.
 
-    The defaults (token_input_layers auto, sink "source", block_norm "none") start uptraining from much lower
-    held-out loss than the paper's plain conversion (token_input_layers 0, sink "none"), and keep a lead after
-    training on the same tokens: docs/results/recovery-cpu.md.
+    The defaults (token_input_layers auto, sink "source", block_norm "none") reach a lower held-out loss than
+    the paper's plain conversion (token_input_layers 0, sink "none") when uptrained on the same tokens:
+    docs/results/recovery-cpu.md.
 
     Identity invariant (contract 4: L_B 1, all layers in the block decoder, partition): the defaults keep it
     exactly (auto token_input_layers is 0 there). The sink keeps it exactly,
