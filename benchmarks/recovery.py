@@ -5,7 +5,7 @@
     python benchmarks/recovery.py report OUT
 
 `train`: PLAN (YAML, keys below) names a source, prepared data (`uptrain data prepare`), a base recipe and a
-list of runs; each run is a conversion (options of `uptrain convert` over the paper's plain conversion, `PLAIN`)
+list of runs; each run is a conversion (options of `uptrain convert` over the plan's `convert:`, the floor)
 and recipe overrides, trained once per seed with `uptrain train`'s loop. Conversions are made once per set of
 options (OUT/converted/) and scored before training on the first `eval_windows` held-out windows, the windows
 the trainer evaluates on every `eval_every` steps. A run already in OUT/results.json is not trained again
@@ -24,6 +24,7 @@ PLAN keys:
     source: default                 # any `uptrain convert` SOURCE
     data: /path/to/tokens           # an `uptrain data prepare` folder with a val split
     recipe: tiny-cpu                # a shipped recipe name or a YAML path: the shared settings
+    convert: {token_input_layers: 0, sink: none}  # the conversion every run starts from (its `convert:` on top)
     overrides: [max_steps=60, eval_every=15, eval_windows=64, log_every=1]
     seeds: [0, 1]
     ood: /path/to/text.jsonl        # optional (score)
@@ -57,7 +58,6 @@ CEILING = "vanilla"  # the run name whose curve is the ceiling of the gap fracti
 BASELINE = "ce"  # the run whose fresh conversion is the floor
 SAMPLE_TOKENS = 48
 # The paper's conversion, the one every run's `convert:` options change: no token input layers, no sink, no norm.
-PLAIN = {"token_input_layers": 0, "sink": "none", "block_norm": "none"}
 
 
 def conversion_key(options: dict) -> str:
@@ -103,15 +103,16 @@ def heldout_loss(model, windows: list[torch.Tensor]) -> float:
 
 
 def converted(plan: dict, options: dict, out: Path) -> Path:
-    """The folder of the source converted with the recipe's layer split and block shape, the rest `PLAIN` updated by
-    `options`."""
+    """The folder of the source converted with the recipe's block length, block layers, method and prefix length,
+    the plan's `convert:` options (the floor's conversion), then the run's `options`."""
     from uptrain.convert import ConvertOptions, convert
 
     folder = out / CONVERSIONS / conversion_key(options)
     if not (folder / "config.json").is_file():
         section = base_recipe(plan, []).convert
         settings = {key: getattr(section, key) for key in ("block_length", "block_layers", "method", "prefix_length")}
-        convert(source_spec(plan), folder, ConvertOptions(**{**settings, **PLAIN, **options}), overwrite=True)
+        options = {**settings, **plan.get("convert", {}), **options}
+        convert(source_spec(plan), folder, ConvertOptions(**options), overwrite=True)
     return folder
 
 
@@ -278,11 +279,16 @@ def summary(results: dict) -> dict[str, dict]:
 
 
 def gap_closed(rows: dict, name: str, step: int) -> float | None:
-    """(fresh plain conversion - run) / (fresh plain conversion - vanilla fine-tune), at `step`."""
-    if BASELINE not in rows or CEILING not in rows or step not in rows[CEILING]["mean"]:
+    """(fresh plain conversion - run) / (fresh plain conversion - vanilla fine-tune), at `step`; past the
+    vanilla fine-tune's last evaluation, against that last one (a run longer than the ceiling's)."""
+    if BASELINE not in rows or CEILING not in rows:
         return None
-    floor, ceiling = rows[BASELINE]["fresh"], rows[CEILING]["mean"][step]
-    return (floor - rows[name]["mean"][step]) / (floor - ceiling)
+    ceiling = rows[CEILING]["mean"]
+    floor = rows[BASELINE]["fresh"]
+    reference = ceiling.get(step, ceiling[max(ceiling)] if step > max(ceiling) else None)
+    if reference is None:
+        return None
+    return (floor - rows[name]["mean"][step]) / (floor - reference)
 
 
 def curve_table(results: dict) -> str:
