@@ -38,7 +38,7 @@ PLAN keys:
         convert: {token_input_layers: 2, sink: source}
       - name: vanilla               # the source fine-tuned on the same tokens: the ceiling
         architecture: vanilla
-Runs need `log_every=1` so that training seconds are summed over every step.
+Runs need `log_every=1` so that every step's time is logged.
 """
 
 import argparse
@@ -117,9 +117,12 @@ def converted(plan: dict, options: dict, out: Path) -> Path:
 
 
 def read_curve(output_dir: Path, tokens_per_step: int) -> list[dict]:
-    """One point per evaluated step of a run's train_log.jsonl: {step, tokens, loss (held-out), seconds}, seconds
-    being the training time up to that step (every logged step's own time; evaluation not counted)."""
+    """One point per evaluated step of a run's train_log.jsonl: {step, tokens, loss (held-out), seconds, elapsed}.
+    `elapsed` sums every logged step's own time up to that step (evaluation not counted); `seconds` is the step
+    count times the run's median step time, which a busy machine's slow steps do not distort."""
     rows = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    step_times = [row["train/step_seconds"] for row in rows if "train/step_seconds" in row]
+    median = statistics.median(step_times) if step_times else 0.0
     points, elapsed = [], 0.0
     for row in rows:
         elapsed += row.get("train/step_seconds", 0.0)
@@ -129,7 +132,8 @@ def read_curve(output_dir: Path, tokens_per_step: int) -> list[dict]:
                     "step": row["step"],
                     "tokens": row["step"] * tokens_per_step,
                     "loss": row["eval/val_loss"],
-                    "seconds": elapsed,
+                    "seconds": row["step"] * median,
+                    "elapsed": elapsed,
                 }
             )
     return points
@@ -355,7 +359,8 @@ def plot(results: dict, path: Path) -> None:
             [0, *(row["tokens"][step] / 1e6 for step in steps)], losses, marker="o", markersize=3, label=name
         )
         by_time.plot([0, *(row["seconds"][step] for step in steps)], losses, marker="o", markersize=3, label=name)
-    for axis, label in ((by_tokens, "training tokens (millions)"), (by_time, "training seconds (mean over seeds)")):
+    labels = ((by_tokens, "training tokens (millions)"), (by_time, "training seconds (steps x median step time)"))
+    for axis, label in labels:
         axis.set_xlabel(label)
         axis.set_ylabel("held-out loss (nats/token)")
         axis.grid(alpha=0.3)
