@@ -134,7 +134,9 @@ def test_ddp_and_fsdp_give_the_single_process_run(runs):
         assert_close_weights(final_weights(out), final_weights(one))
     assert training(runs["one"])["distributed"] == {"type": "NO", "processes": 1}
     assert training(runs["ddp"])["distributed"] == {"type": "MULTI_CPU", "processes": 2}
-    units = {"FSDPLlamaDecoderLayer": 4, "FSDPNextTokenObjective": 1}  # each decoder layer, and the root
+    config = json.loads((runs["fsdp"] / "final" / "config.json").read_text())
+    layers = sum(config[name]["num_hidden_layers"] for name in ("block_decoder", "token_decoder"))
+    units = {"FSDPLlamaDecoderLayer": layers, "FSDPNextTokenObjective": 1}  # each decoder layer, and the root
     assert training(runs["fsdp"])["distributed"] == {"type": "FSDP", "processes": 2, "fsdp_units": units}
     sharded = runs["fsdp"] / "checkpoints" / "step-00000008" / "pytorch_model_fsdp_0"
     assert len(list(sharded.glob("*.distcp"))) == 2  # FSDP checkpoints: one shard file per process

@@ -86,7 +86,10 @@ def greedy_text(model, tokenizer, context: str, steps: int = 4) -> str | None:
     with torch.no_grad():
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    text = "".join(tokenizer.convert_ids_to_tokens(ids[-steps:]))
+    tokens = tokenizer.convert_ids_to_tokens(ids[-steps:])  # None for an id past the tokenizer's vocabulary
+    if None in tokens:
+        return None
+    text = "".join(tokens)
     return text if text.isprintable() and tokenizer.encode(context + text) == ids else None
 
 
